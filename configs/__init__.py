@@ -1,0 +1,1 @@
+"""Default YAML configs: one per method (paper defaults) and per (method, dataset) where they differ."""
