@@ -1,0 +1,619 @@
+"""Run one method on one dataset split: build, train if needed, localize in batches, score, write the run.
+
+A run directory ``runs/<run-id>/`` holds ``config.yaml`` (fully resolved), ``metrics.json`` (metrics per
+variant + threshold policy + map preparation + versions + git hash + seed), ``per_image.jsonl`` and
+``cache/`` — one shard per finished batch with that batch's image ids and metric states. Metric states are
+sums, batches are fixed slices of the split, and shards are written atomically, so ``--resume`` after a crash
+or Ctrl-C skips finished batches and ends with exactly the numbers of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import yaml
+
+from .config import load_harness_config, load_method_config, split_overrides
+from .io import atomic_path, write_json, write_text
+from .registry import DATASETS, METHODS, create_dataset, get_method_class
+
+
+class HarnessError(RuntimeError):
+    """A run that cannot go on; the message is the one-line reason the CLI prints."""
+
+
+@dataclass
+class RunSpec:
+    """Everything that identifies a run (the CLI's flags)."""
+
+    method: str
+    dataset: str
+    split: str = "test"
+    profile: str = "tiny"
+    limit: int | None = None
+    out: Path = Path("runs")
+    resume: bool = False
+    device: str = "cpu"
+    checkpoint: Path | None = None
+    overrides: tuple[str, ...] = ()
+    data_root: Path | None = None
+    run_id: str | None = None
+    progress: bool = True
+    train_split: str = "train"
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    results: dict[str, dict[str, Any]]  # variant -> metric -> value
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluators: one per ground-truth task. Each keeps, per map variant, a dict of metric objects whose states
+# are sums; ``batch_states`` / ``absorb`` move those states through the cache shards.
+# ---------------------------------------------------------------------------------------------------------
+class _Evaluator:
+    task: str = ""
+    capability: str = "single"
+
+    def __init__(self, hcfg: dict, dataset: Any, method: Any) -> None:
+        self.hcfg = hcfg
+        self.dataset = dataset
+        self.method = method
+        self.metrics: dict[str, dict[str, Any]] = {}
+
+    def new_metrics(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _variant(self, name: str) -> dict[str, Any]:
+        if name not in self.metrics:
+            self.metrics[name] = self.new_metrics()
+        return self.metrics[name]
+
+    def process(self, samples: Sequence[Any], images: list) -> tuple[dict[str, dict[str, Any]], list[dict]]:
+        """Localize and score one batch into FRESH metric objects (the batch's shard); return them + records."""
+        raise NotImplementedError
+
+    def absorb(self, batch_metrics: dict[str, dict[str, Any]]) -> None:
+        for variant, mets in batch_metrics.items():
+            target = self._variant(variant)
+            for name, m in mets.items():
+                target[name].merge(m)
+
+    def compute(self, policies: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+        return {v: self.summarize(mets, (policies or {}).get(v)) for v, mets in self.metrics.items()}
+
+    def summarize(self, mets: dict[str, Any], policy: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def options(self) -> dict[str, Any]:
+        any_variant = next(iter(self.metrics.values()), None) or self.new_metrics()
+        return {name: m.options() for name, m in any_variant.items()}
+
+
+def _maps_by_variant(out: Any) -> dict[str, np.ndarray]:
+    maps = {"default": out.maps}
+    maps.update(out.extras or {})
+    return {k: v.detach().float().cpu().numpy() if hasattr(v, "detach") else np.asarray(v, np.float32)
+            for k, v in maps.items()}
+
+
+class _BoxEvaluator(_Evaluator):
+    """CUB/ILSVRC: MaxBoxAcc v1 (largest contour) and V2 (all contours), Top-1/Top-5 Loc, classification."""
+
+    task = "boxes"
+
+    def new_metrics(self) -> dict[str, Any]:
+        from wsolbench.metrics import MaxBoxAcc
+
+        kw = dict(iou_thresholds=tuple(self.hcfg["iou_thresholds"]),
+                  cam_curve_interval=self.hcfg["cam_curve_interval"])
+        mets: dict[str, Any] = {"v1": MaxBoxAcc(multi_contour=False, **kw),
+                                "v2": MaxBoxAcc(multi_contour=True, **kw),
+                                "cls": ClassificationAccuracy()}
+        if self.with_masks:
+            from wsolbench.metrics import PxAP
+
+            mets["pxap"] = PxAP(cam_curve_interval=self.hcfg["cam_curve_interval"])
+        return mets
+
+    @property
+    def with_masks(self) -> bool:
+        return bool(self.dataset.samples and self.dataset.samples[0].mask_paths)
+
+    def process(self, samples, images):
+        from wsolbench.metrics import prepare_map, scale_boxes
+
+        size = int(self.hcfg["eval_size"])
+        labels = [s.label for s in samples]
+        out = self.method.localize(images, classes=labels)
+        top5 = None
+        if out.logits is not None:
+            top5 = out.logits.detach().float().cpu().topk(min(5, out.logits.shape[1]), dim=1).indices.tolist()
+        gt = [scale_boxes(s.boxes, s.size or images[i].size, (size, size)) for i, s in enumerate(samples)]
+        masks = ignores = None
+        if self.with_masks:
+            masks, ignores = zip(*(_resize_mask_pair(s.load_mask(), size) for s in samples))
+        batch: dict[str, dict[str, Any]] = {}
+        for variant, arr in _maps_by_variant(out).items():
+            maps = [prepare_map(arr[i, 0], (size, size)) for i in range(len(samples))]
+            mets = self.new_metrics()
+            mets["v1"].update(maps, gt, pred_top5=top5, labels=labels if top5 else None)
+            mets["v2"].update(maps, gt)
+            if top5 is not None:
+                mets["cls"].update(top5, labels)
+            if masks is not None:
+                mets["pxap"].update(maps, list(masks), list(ignores))
+            batch[variant] = mets
+        records = [{"image_id": s.image_id, "label": s.label, **({"top5": top5[i]} if top5 else {})}
+                   for i, s in enumerate(samples)]
+        return batch, records
+
+    def summarize(self, mets, policy):
+        v1 = mets["v1"].compute(_p(policy, "v1"))
+        v2 = mets["v2"].compute(_p(policy, "v2"))
+        res = {"maxboxacc": v1["maxboxacc"], "gt_known_loc": v1["maxboxacc"],
+               "maxboxacc_v2": v2["maxboxacc_v2"]}
+        for delta in self.hcfg["iou_thresholds"]:
+            res[f"boxacc_v1_iou{delta}"] = v1[f"boxacc@{delta}"]
+            res[f"boxacc_v2_iou{delta}"] = v2[f"boxacc@{delta}"]
+            res[f"best_tau_v1_iou{delta}"] = v1[f"best_tau@{delta}"]
+        for key in ("top1_loc", "top5_loc"):
+            if v1.get(key) is not None:
+                res[key] = v1[key]
+        res.update(mets["cls"].compute())
+        if "pxap" in mets:
+            px = mets["pxap"].compute(_p(policy, "pxap"))
+            res.update({"pxap": px["pxap"], "piou": px["piou"]})
+        res["threshold_policy"] = v1.get("threshold_policy", "oracle")
+        return res
+
+
+class _MaskEvaluator(_Evaluator):
+    """OpenImages30k: PxAP and pIoU on pixel masks with ignore regions."""
+
+    task = "masks"
+
+    def new_metrics(self):
+        from wsolbench.metrics import PxAP
+
+        return {"pxap": PxAP(cam_curve_interval=self.hcfg["cam_curve_interval"])}
+
+    def process(self, samples, images):
+        from wsolbench.metrics import prepare_map
+
+        size = int(self.hcfg["eval_size"])
+        out = self.method.localize(images, classes=[s.label for s in samples])
+        masks, ignores = zip(*(_resize_mask_pair(s.load_mask(), size) for s in samples))
+        batch = {}
+        for variant, arr in _maps_by_variant(out).items():
+            mets = self.new_metrics()
+            mets["pxap"].update([prepare_map(arr[i, 0], (size, size)) for i in range(len(samples))],
+                                list(masks), list(ignores))
+            batch[variant] = mets
+        return batch, [{"image_id": s.image_id, "label": s.label} for s in samples]
+
+    def summarize(self, mets, policy):
+        px = mets["pxap"].compute(_p(policy, "pxap"))
+        return {"pxap": px["pxap"], "piou": px["piou"], "threshold_policy": px.get("threshold_policy", "oracle")}
+
+
+class _DenseEvaluator(_Evaluator):
+    """VOC/COCO: mIoU of per-class maps for the GT-present classes (MCTformer protocol)."""
+
+    task = "dense"
+    capability = "multi"
+
+    def new_metrics(self):
+        from wsolbench.metrics import DenseMIoU
+
+        start, stop, step = self.hcfg["miou_bg_thresholds"]
+        return {"miou": DenseMIoU(num_classes=self.dataset.num_classes + 1,
+                                  bg_thresholds=np.arange(start, stop, step))}
+
+    def process(self, samples, images):
+        from wsolbench.metrics import normalize_per_class
+
+        out = self.method.localize(images, classes=None)
+        batch = {}
+        label_maps = [s.load_label_map() for s in samples]
+        present = [sorted(set(int(c) for c in s.labels)) for s in samples]
+        for variant, arr in _maps_by_variant(out).items():
+            per_class = []
+            for i, s in enumerate(samples):
+                channel = {c: k for k, c in enumerate(out.classes[i])} if out.classes else None
+                idx = [channel[c] if channel else c for c in present[i]]
+                h, w = label_maps[i].shape
+                per_class.append(normalize_per_class(arr[i, idx], (w, h)))
+            mets = self.new_metrics()
+            mets["miou"].update(per_class, present, label_maps)
+            batch[variant] = mets
+        return batch, [{"image_id": s.image_id, "labels": list(s.labels)} for s in samples]
+
+    def summarize(self, mets, policy):
+        r = mets["miou"].compute(_p(policy, "miou"))
+        return {"miou": r["miou"], "best_bg_threshold": r.get("best_threshold"),
+                "threshold_policy": r.get("threshold_policy", "oracle")}
+
+
+class _PhraseEvaluator(_Evaluator):
+    """Flickr30k Entities: phrase pointing accuracy and grounding box accuracy per (image, entity)."""
+
+    task = "phrases"
+    capability = "phrase"
+
+    def new_metrics(self):
+        from wsolbench.metrics import GroundingBoxAccuracy, PhrasePointing
+
+        return {"pointing": PhrasePointing(), "box": GroundingBoxAccuracy()}
+
+    def process(self, samples, images):
+        import cv2
+
+        batch: dict[str, dict[str, Any]] = {}
+        records = []
+        for s, img in zip(samples, images):
+            w, h = img.size
+            for phrase in s.phrases:
+                out = self.method.localize([img], texts=[[phrase.text]])
+                for variant, arr in _maps_by_variant(out).items():
+                    m = cv2.resize(arr[0].mean(axis=0).astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+                    mets = batch.setdefault(variant, self.new_metrics())
+                    mets["pointing"].update([m], [phrase.boxes])
+                    mets["box"].update([m], [phrase.boxes])
+                records.append({"image_id": s.image_id, "phrase": phrase.text, "entity": phrase.entity_id})
+        if not batch:  # a batch with no gradable phrase still leaves an (empty) shard
+            batch["default"] = self.new_metrics()
+        return batch, records
+
+    def summarize(self, mets, policy):
+        return {"pointing_game": mets["pointing"].compute()["accuracy"],
+                "bbox_acc": mets["box"].compute()["accuracy"]}
+
+
+EVALUATORS = {"boxes": _BoxEvaluator, "masks": _MaskEvaluator, "dense": _DenseEvaluator,
+              "phrases": _PhraseEvaluator}
+
+
+class ClassificationAccuracy:
+    """Top-1/Top-5 classification accuracy as integer counts (mergeable like every metric state)."""
+
+    higher_is_better = {"top1_cls": True, "top5_cls": True}
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.state = {"top1": np.zeros((), np.int64), "top5": np.zeros((), np.int64), "count": np.zeros((), np.int64)}
+
+    def update(self, top5: Sequence[Sequence[int]], labels: Sequence[int]) -> None:
+        for pred, y in zip(top5, labels):
+            self.state["top1"] += int(pred[0] == y)
+            self.state["top5"] += int(y in pred[:5])
+            self.state["count"] += 1
+
+    def merge(self, other: "ClassificationAccuracy") -> None:
+        for k in self.state:
+            self.state[k] = self.state[k] + other.state[k]
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {k: np.asarray(v) for k, v in self.state.items()}
+
+    def load_state_dict(self, d: dict[str, np.ndarray]) -> None:
+        self.state = {k: np.asarray(d[k], np.int64) for k in self.state}
+
+    def compute(self, policy: Any = None) -> dict[str, float]:
+        n = int(self.state["count"])
+        if n == 0:
+            return {}
+        return {"top1_cls": 100.0 * int(self.state["top1"]) / n, "top5_cls": 100.0 * int(self.state["top5"]) / n}
+
+    def options(self) -> dict[str, Any]:
+        return {"top_k": [1, 5]}
+
+
+def _resize_mask_pair(pair: tuple[np.ndarray, np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest-neighbour resize of (foreground, ignore) to size×size (the wsolevaluation mask rule)."""
+    import cv2
+
+    fg, ign = pair
+    r = lambda m: cv2.resize(m.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST).astype(bool)
+    fg2 = r(fg)
+    return fg2, r(ign) & ~fg2
+
+
+def choose_task(dataset: Any, method: Any) -> str:
+    """The evaluation task for (dataset, method): the first dataset task the method can serve."""
+    from wsolbench.localizer import Capability
+
+    caps = {c.value if isinstance(c, Capability) else str(c) for c in method.capabilities}
+    tasks = [t.value if hasattr(t, "value") else str(t) for t in dataset.tasks]
+    order = [t for t in ("boxes", "masks", "dense", "phrases") if t in tasks]
+    for task in order:
+        if EVALUATORS[task].capability in caps:
+            return task
+    raise HarnessError(f"method {method.registry_name!r} (capabilities: {', '.join(sorted(caps))}) cannot be "
+                       f"scored on {dataset.registry_name!r} (tasks: {', '.join(order)})")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------
+def run(spec: RunSpec) -> RunResult:
+    """Execute ``spec`` end to end and return the results (also written under ``spec.out``)."""
+    t0 = time.time()
+    method_name = METHODS.canonical(spec.method)
+    dataset_name = DATASETS.canonical(spec.dataset)
+    m_over, h_over = split_overrides(spec.overrides)
+    hcfg = load_harness_config(h_over)
+    dataset = _open_dataset(dataset_name, spec.split, spec.data_root, hcfg)
+    dataset_key = getattr(dataset, "config_key", dataset_name)
+    cfg = load_method_config(method_name, spec.profile, dataset_key, m_over)
+    if spec.limit is not None:
+        dataset = dataset.subset(range(min(spec.limit, len(dataset))))
+
+    resolved = {"method": method_name, "dataset": dataset_name, "split": spec.split, "profile": spec.profile,
+                "limit": spec.limit, "checkpoint": str(spec.checkpoint) if spec.checkpoint else None,
+                "method_config": cfg, "harness": hcfg}
+    run_id = spec.run_id or _run_id(resolved)
+    run_dir = Path(spec.out) / run_id
+    _prepare_run_dir(run_dir, resolved, spec.resume)
+
+    _seed(int(hcfg["seed"]))
+    method = _build_method(method_name, cfg, dataset, spec, hcfg, run_dir)
+    task = choose_task(dataset, method)
+    evaluator = EVALUATORS[task](hcfg, dataset, method)
+
+    policies = None
+    if hcfg["threshold_policy"] == "val":
+        policies = _val_policies(spec, hcfg, method, run_dir, task)
+    elif hcfg["threshold_policy"] == "fixed":
+        policies = {"*": _fixed_policy(hcfg)}
+    skipped = _evaluate(evaluator, dataset, run_dir / "cache", hcfg, spec.progress, f"{method_name}/{dataset_name}")
+    results = evaluator.compute(_policy_map(policies, evaluator))
+    record = {
+        "run_id": run_id, "method": method_name, "dataset": dataset_name, "dataset_key": dataset_key,
+        "split": spec.split, "profile": spec.profile, "task": task, "n_images": len(dataset) - len(skipped),
+        "skipped": {"count": len(skipped), "items": skipped},
+        "results": results, "higher_is_better": _higher_is_better(evaluator),
+        "threshold_policy": hcfg["threshold_policy"] if hcfg["threshold_policy"] != "fixed"
+        else f"fixed(tau={hcfg['tau']})",
+        "map_preparation": _preparation(), "metric_options": evaluator.options(),
+        "eval_size": hcfg["eval_size"], "seed": hcfg["seed"], "limit": spec.limit,
+        "versions": _versions(), "git": _git_hash(), "wall_time_s": round(time.time() - t0, 2),
+    }
+    write_json(run_dir / "metrics.json", record)
+    return RunResult(run_dir=run_dir, results=results, record=record)
+
+
+def _open_dataset(name: str, split: str, root: Path | None, hcfg: dict) -> Any:
+    from wsolbench.datasets.base import DatasetError
+
+    try:
+        return create_dataset(name, root=root, split=split, on_error=hcfg["on_error"])
+    except DatasetError as exc:
+        raise HarnessError(str(exc)) from exc
+
+
+def _run_id(resolved: dict) -> str:
+    digest = hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{resolved['method']}-{resolved['dataset']}-{resolved['split']}-{resolved['profile']}-{digest}"
+
+
+def _prepare_run_dir(run_dir: Path, resolved: dict, resume: bool) -> None:
+    cfg_path = run_dir / "config.yaml"
+    if run_dir.exists() and not resume:
+        shutil.rmtree(run_dir)
+    if resume and cfg_path.exists():
+        before = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
+        if before != json.loads(json.dumps(resolved, default=str)):
+            raise HarnessError(f"{cfg_path}: the config differs from this invocation's; resume needs the same "
+                               "flags (or drop --resume to start over)")
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(cfg_path, yaml.safe_dump(json.loads(json.dumps(resolved, default=str)), sort_keys=False))
+
+
+def _seed(seed: int) -> None:
+    import random
+
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _build_method(name: str, cfg: dict, dataset: Any, spec: RunSpec, hcfg: dict, run_dir: Path) -> Any:
+    cls = get_method_class(name)
+    if spec.checkpoint is not None:
+        return cls.load(spec.checkpoint, device=spec.device)
+    ckpt = run_dir / "checkpoint"
+    if cls.needs_training and (ckpt / "model.safetensors").exists():
+        return cls.load(ckpt, device=spec.device)  # training finished in an earlier (interrupted) run
+    method = cls.from_config(cfg, class_names=dataset.class_names, device=spec.device)
+    if cls.needs_training:
+        train = _open_dataset(DATASETS.canonical(spec.dataset), spec.train_split, spec.data_root, hcfg)
+        val = None
+        if "val" in type(train).splits and spec.split != "val":
+            try:
+                val = _open_dataset(DATASETS.canonical(spec.dataset), "val", spec.data_root, hcfg)
+            except HarnessError:
+                val = None
+        method.fit(train, val_data=val, out_dir=run_dir / "train", resume=spec.resume, progress=spec.progress)
+        method.save(ckpt)
+    return method
+
+
+def _batches(n: int, size: int) -> Iterable[tuple[int, int]]:
+    for start in range(0, n, size):
+        yield start, min(n, start + size)
+
+
+def _evaluate(evaluator: _Evaluator, dataset: Any, cache: Path, hcfg: dict, progress: bool, desc: str) -> list:
+    """Score every fixed batch of ``dataset``, reusing finished shards in ``cache``; return skipped images."""
+    from tqdm.auto import tqdm
+
+    from wsolbench.datasets.base import DatasetError
+
+    cache.mkdir(parents=True, exist_ok=True)
+    bs = int(hcfg["batch_size"])
+    spans = list(_batches(len(dataset), bs))
+    skipped: list[dict] = []
+    per_image = cache.parent / "per_image.jsonl"
+    records_all: list[dict] = []
+    bar = tqdm(spans, desc=desc, unit="batch", disable=not progress, leave=False)
+    for start, stop in bar:
+        samples = [dataset[i] for i in range(start, stop)]
+        shard = cache / f"batch-{start:08d}.npz"
+        ids = [s.image_id for s in samples]
+        if shard.exists():
+            batch_metrics, records, skip = _read_shard(shard, ids, evaluator)
+        else:
+            images, keep, skip = [], [], []
+            for s in samples:
+                try:
+                    images.append(s.load_image())
+                    keep.append(s)
+                except DatasetError as exc:
+                    if hcfg["on_error"] != "skip":
+                        raise HarnessError(f"{exc} (use --on-error skip to count and skip such images)") from exc
+                    skip.append({"image_id": s.image_id, "path": str(s.image_path), "reason": str(exc)})
+            batch_metrics, records = evaluator.process(keep, images) if keep else ({}, [])
+            _write_shard(shard, ids, batch_metrics, records, skip)
+        evaluator.absorb(batch_metrics)
+        records_all.extend(records)
+        skipped.extend(skip)
+    write_text(per_image, "".join(json.dumps(r, default=_json_scalar) + "\n" for r in records_all))
+    return skipped
+
+
+def _json_scalar(x: Any) -> Any:
+    return x.item() if hasattr(x, "item") else str(x)
+
+
+def _write_shard(path: Path, ids: list[str], batch_metrics: dict, records: list, skip: list) -> None:
+    arrays: dict[str, np.ndarray] = {}
+    for variant, mets in batch_metrics.items():
+        for name, m in mets.items():
+            for key, value in m.state_dict().items():
+                arrays[f"{variant}/{name}/{key}"] = np.asarray(value)
+    meta = json.dumps({"ids": ids, "records": records, "skipped": skip}, default=_json_scalar)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, __meta__=np.frombuffer(meta.encode(), dtype=np.uint8), **arrays)
+
+
+def _read_shard(path: Path, ids: list[str], evaluator: _Evaluator) -> tuple[dict, list, list]:
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(bytes(z["__meta__"]).decode())
+        if meta["ids"] != ids:
+            raise HarnessError(f"{path}: cached batch holds other images than the dataset now lists; the data "
+                               "changed since the run started — drop --resume to start over")
+        grouped: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+        for key in z.files:
+            if key == "__meta__":
+                continue
+            variant, name, state_key = key.split("/", 2)
+            grouped.setdefault(variant, {}).setdefault(name, {})[state_key] = z[key]
+    batch: dict[str, dict[str, Any]] = {}
+    for variant, by_name in grouped.items():
+        mets = evaluator.new_metrics()
+        for name, state in by_name.items():
+            mets[name].load_state_dict(state)
+        batch[variant] = mets
+    return batch, meta["records"], meta["skipped"]
+
+
+def _fixed_policy(hcfg: dict) -> Any:
+    from wsolbench.metrics import ThresholdPolicy
+
+    if hcfg.get("tau") is None:
+        raise HarnessError("threshold_policy 'fixed' needs a threshold: --set harness.tau=0.23")
+    return ThresholdPolicy(kind="fixed", tau=float(hcfg["tau"]))
+
+
+def _val_policies(spec: RunSpec, hcfg: dict, method: Any, run_dir: Path, task: str) -> dict[str, Any]:
+    """Score the val split with the same method; each variant's τ is then the one best on val."""
+    from wsolbench.metrics import ThresholdPolicy
+
+    if spec.split == "val":
+        raise HarnessError("threshold_policy 'val' chooses τ on the val split; evaluate a different split")
+    val = _open_dataset(DATASETS.canonical(spec.dataset), "val", spec.data_root, hcfg)
+    evaluator = EVALUATORS[task](hcfg, val, method)
+    _evaluate(evaluator, val, run_dir / "val_cache", hcfg, spec.progress, "val (choosing τ)")
+    return {variant: {name: ThresholdPolicy.from_val(m) for name, m in mets.items() if hasattr(m, "thresholds")}
+            for variant, mets in evaluator.metrics.items()}
+
+
+def _policy_map(policies: dict | None, evaluator: _Evaluator) -> dict | None:
+    """Expand the policy spec into {variant: {metric name: policy}} for ``summarize``."""
+    if not policies:
+        return None
+    if "*" in policies:
+        return {v: _PerMetric(policies["*"]) for v in evaluator.metrics}
+    return {v: _PerMetric(None, p) for v, p in policies.items()}
+
+
+class _PerMetric:
+    """A policy lookup that gives one policy to every metric, or each metric its own (val policy)."""
+
+    def __init__(self, shared: Any, per_name: dict | None = None) -> None:
+        self.shared, self.per_name = shared, per_name or {}
+
+    def for_metric(self, name: str) -> Any:
+        return self.per_name.get(name, self.shared)
+
+
+def _p(policy: "_PerMetric | None", name: str) -> Any:
+    return policy.for_metric(name) if policy is not None else None
+
+
+def _higher_is_better(evaluator: _Evaluator) -> dict[str, bool]:
+    """Direction of every reported number (all of this field's metrics are higher-is-better)."""
+    return {key: True for key in LEADERBOARD_METRICS}
+
+
+LEADERBOARD_METRICS = ("maxboxacc", "maxboxacc_v2", "gt_known_loc", "top1_loc", "top5_loc", "top1_cls",
+                       "top5_cls", "pxap", "piou", "miou", "pointing_game", "bbox_acc")
+
+
+def _preparation() -> str:
+    from wsolbench.metrics import PREPARATION
+
+    return PREPARATION
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("wsolbench", "torch", "torchvision", "numpy", "timm", "open_clip_torch", "diffusers",
+                "transformers", "opencv-python-headless"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+def _git_hash() -> str | None:
+    try:
+        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout.strip() or None if res.returncode == 0 else None
+
+
+def spec_dict(spec: RunSpec) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(spec).items()}
