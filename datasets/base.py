@@ -55,6 +55,7 @@ class Sample:
     captions: tuple[str, ...] = ()
     phrases: tuple[Phrase, ...] = ()
     difficult: np.ndarray | None = None  # (N,) bool per box where the format has it (VOC)
+    meta: dict = field(default_factory=dict)  # format-specific extras (COCO ann ids/iscrowd, Flickr chains, ...)
 
     @property
     def label(self) -> int:
@@ -132,20 +133,28 @@ class WSOLDataset:
     splits: ClassVar[tuple[str, ...]] = ("train", "val", "test")
     canonical_counts: ClassVar[dict[str, int]] = {}
     multi_label: ClassVar[bool] = False
+    config_key: ClassVar[str] = ""  # key of the per-(method, dataset) YAML configs ("cub", "voc", ...)
+    eval_split: ClassVar[str] = "test"  # the split the benchmark reports on
+    ON_ERROR_POLICIES: ClassVar[tuple[str, ...]] = ("fail", "skip")
 
-    def __init__(self, root: str | Path | None = None, split: str = "test") -> None:
+    def __init__(self, root: str | Path | None = None, split: str = "test", on_error: str = "fail") -> None:
         from wsolbench.paths import dataset_root
 
         if split not in self.splits:
             raise DatasetError(f"{self.registry_name}: unknown split {split!r}; choose one of {self.splits}")
+        if on_error not in self.ON_ERROR_POLICIES:
+            raise DatasetError(f"{self.registry_name}: on_error must be one of {self.ON_ERROR_POLICIES}, "
+                               f"got {on_error!r}")
         self.root = Path(root) if root is not None else dataset_root(self.default_subdir or self.registry_name)
         if not self.root.exists():
             raise DatasetError(f"{self.registry_name}: data root {self.root} does not exist. Put the dataset "
                                f"there or set WSOLBENCH_DATA (see `wsolbench data check --dataset "
                                f"{self.registry_name}`)")
         self.split = split
+        self.on_error = on_error
         self.samples: list[Sample] = []
         self.class_names: list[str] = []
+        self.bad_images: list[tuple[Path, str]] = []  # (path, reason) of images that failed to decode
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -168,18 +177,209 @@ class WSOLDataset:
         new.samples = [self.samples[i] for i in indices]
         return new
 
-    def check(self) -> list[str]:
-        """Problems with the layout/counts as human-readable lines (empty list = OK)."""
+    @property
+    def class_synonyms(self) -> list[tuple[str, ...]]:
+        """Per class, its names (first = ``class_names[k]``); datasets with synonym lists override this."""
+        syn = getattr(self, "_class_synonyms", None)
+        return list(syn) if syn else [(n,) for n in self.class_names]
+
+    def load_image(self, item: "int | Sample"):
+        """The RGB PIL image of a sample, applying the ``on_error`` policy to undecodable files: "fail"
+        raises DatasetError naming the path; "skip" records (path, reason) in ``bad_images`` and returns None.
+        Either way the failure is counted, so a run can report it (``error_report``)."""
+        sample = self.samples[item] if isinstance(item, (int, np.integer)) else item
+        try:
+            return sample.load_image()
+        except DatasetError as exc:
+            self.bad_images.append((Path(sample.image_path), str(exc)))
+            if self.on_error == "fail":
+                raise DatasetError(f"{exc} (on_error='fail'; pass on_error='skip' / --on-error skip to skip "
+                                   f"and report undecodable images)") from exc
+            return None
+
+    def iter_images(self) -> Iterator[tuple[Sample, object]]:
+        """(sample, PIL image) for every sample; undecodable images follow the ``on_error`` policy."""
+        for s in self.samples:
+            img = self.load_image(s)
+            if img is not None:
+                yield s, img
+
+    def error_report(self) -> list[str]:
+        """One line per image that failed to decode (empty when none did)."""
+        if not self.bad_images:
+            return []
+        head = [f"{self.registry_name}/{self.split}: {len(self.bad_images)} image(s) could not be decoded "
+                f"(on_error={self.on_error!r})"]
+        return head + [f"  {p}: {reason}" for p, reason in self.bad_images]
+
+    def check(self, verify: bool = False) -> list[str]:
+        """Problems with the layout/counts as human-readable lines (empty list = OK): the image count
+        against ``canonical_counts``, the box count against ``canonical_box_counts`` where known, missing
+        image/mask/label files (count and an example path); ``verify=True`` also decodes every image."""
         problems = []
+        label = f"{self.registry_name}/{self.split}"
         expected = self.canonical_counts.get(self.split)
         if expected is not None and len(self.samples) != expected:
-            problems.append(f"{self.registry_name}/{self.split}: {len(self.samples)} images, the canonical "
-                            f"count is {expected}")
-        missing = [s.image_path for s in self.samples if not Path(s.image_path).exists()]
-        if missing:
-            problems.append(f"{len(missing)} image files missing, e.g. {missing[0]}")
+            problems.append(f"{label}: {len(self.samples)} images, the canonical count is {expected}")
+        expected_boxes = getattr(self, "canonical_box_counts", {}).get(self.split)
+        if expected_boxes is not None:
+            n_boxes = sum(len(s.boxes) for s in self.samples)
+            if n_boxes != expected_boxes:
+                problems.append(f"{label}: {n_boxes} boxes, the canonical count is {expected_boxes}")
+        problems += missing_file_problems(self.samples, label)
+        if verify:
+            problems += verify_images(self)
         return problems
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(split={self.split!r}, n={len(self)}, classes={self.num_classes}, "
                 f"root={str(self.root)!r})")
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared helpers for the loaders (bad-input rules live here so that every format behaves the same).
+
+
+def read_text_lines(path: str | Path, what: str = "file") -> list[tuple[int, str]]:
+    """Non-blank lines of a text file as (1-based line number, line) with line endings removed.
+
+    Handles files with or without a trailing newline, CRLF/CR endings and a UTF-8 BOM; keeps spaces
+    inside lines (ids with spaces). A missing file raises DatasetError naming the expected path.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise DatasetError(f"{what} missing: expected {path}") from exc
+    except IsADirectoryError as exc:
+        raise DatasetError(f"{what}: expected a file at {path}, found a directory") from exc
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: not UTF-8 text ({exc})") from exc
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")  # not splitlines(): only real EOLs
+    return [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
+
+
+def first_existing(candidates: Sequence[Path]) -> Path | None:
+    for c in candidates:
+        if c.exists():
+            return c
+    return None
+
+
+def describe_candidates(candidates: Sequence[Path]) -> str:
+    return ", ".join(str(c) for c in candidates)
+
+
+def missing_file_problems(samples: Sequence[Sample], label: str) -> list[str]:
+    """Lines naming missing image / mask / ignore / label-map files (count + first example each)."""
+    groups: dict[str, list[Path]] = {"image": [], "mask": [], "ignore mask": [], "label map": []}
+    for s in samples:
+        if not Path(s.image_path).exists():
+            groups["image"].append(Path(s.image_path))
+        for m in s.mask_paths:
+            if not Path(m).exists():
+                groups["mask"].append(Path(m))
+        if s.ignore_path is not None and not Path(s.ignore_path).exists():
+            groups["ignore mask"].append(Path(s.ignore_path))
+        if s.label_map_path is not None and not Path(s.label_map_path).exists():
+            groups["label map"].append(Path(s.label_map_path))
+    return [f"{label}: {len(paths)} {kind} file(s) missing, e.g. {paths[0]}"
+            for kind, paths in groups.items() if paths]
+
+
+def verify_images(dataset: "WSOLDataset") -> list[str]:
+    """Decode every image (slow); lines naming each corrupt file. Does not raise."""
+    bad = []
+    for s in dataset.samples:
+        if not Path(s.image_path).exists():
+            continue  # reported by missing_file_problems
+        try:
+            s.load_image()
+        except DatasetError as exc:
+            bad.append(str(exc))
+    if not bad:
+        return []
+    return [f"{dataset.registry_name}/{dataset.split}: {len(bad)} corrupt image(s)"] + [f"  {b}" for b in bad]
+
+
+def resolve_root(cls: type, root: str | Path | None, layout_help: str = "") -> Path:
+    """``root`` as a Path; by default the first existing of data-root/<d> for d in ``cls.default_subdirs``
+    (else ``cls.default_subdir``). A missing root raises DatasetError naming the paths and the layout."""
+    from wsolbench.paths import dataset_root
+
+    if root is not None:
+        cands = [Path(root).expanduser()]
+    else:
+        subdirs = getattr(cls, "default_subdirs", ()) or (cls.default_subdir or cls.registry_name,)
+        cands = [dataset_root(d) for d in subdirs]
+    found = first_existing(cands)
+    if found is None:
+        name = cls.registry_name or cls.__name__
+        where = cands[0] if len(cands) == 1 else f"any of {describe_candidates(cands)}"
+        raise DatasetError(f"{name}: data root {where} does not exist. Expected layout: {layout_help or '?'}. "
+                           f"Pass root=..., or put the dataset under the data root (WSOLBENCH_DATA); see "
+                           f"`wsolbench data check --dataset {name}`")
+    return found
+
+
+def parse_annotation_xml(path: str | Path) -> dict:
+    """A PASCAL-VOC-style XML annotation (VOC, ILSVRC val, Flickr30k Entities) as a plain dict::
+
+        {"filename": str, "width": int|None, "height": int|None,
+         "objects": [{"names": [str, ...], "box": (xmin, ymin, xmax, ymax) | None, "difficult": bool,
+                      "truncated": bool, "nobndbox": bool, "scene": bool}, ...]}
+
+    Coordinates are returned exactly as written (no 1-based shift here; the caller knows the convention).
+    A missing or malformed file raises DatasetError naming the path (and the line for XML syntax errors).
+    """
+    import xml.etree.ElementTree as ET
+
+    path = Path(path)
+    try:
+        tree = ET.parse(path)
+    except FileNotFoundError as exc:
+        raise DatasetError(f"annotation XML missing: expected {path}") from exc
+    except ET.ParseError as exc:
+        line = getattr(exc, "position", (None,))[0]
+        raise DatasetError(f"{path}:{line}: malformed XML ({exc})") from exc
+    root = tree.getroot()
+
+    def num(el, tag, obj_index=None):
+        child = el.find(tag)
+        where = f"{path}: object {obj_index}" if obj_index is not None else str(path)
+        if child is None or child.text is None or not child.text.strip():
+            raise DatasetError(f"{where}: missing <{tag}>")
+        try:
+            return float(child.text.strip())
+        except ValueError:
+            raise DatasetError(f"{where}: <{tag}> is not a number: {child.text!r}") from None
+
+    def flag(el, tag) -> bool:
+        child = el.find(tag)
+        if child is None or child.text is None or not child.text.strip():
+            return False
+        try:
+            return int(float(child.text.strip())) > 0
+        except ValueError:
+            raise DatasetError(f"{path}: <{tag}> is not 0/1: {child.text!r}") from None
+
+    size = root.find("size")
+    width = height = None
+    if size is not None and size.find("width") is not None:
+        width, height = int(num(size, "width")), int(num(size, "height"))
+    filename = (root.findtext("filename") or "").strip()
+    objects = []
+    for i, obj in enumerate(root.findall("object")):
+        names = [(n.text or "").strip() for n in obj.findall("name")]
+        if not names or not all(names):
+            raise DatasetError(f"{path}: object {i} has no <name>")
+        bb = obj.find("bndbox")
+        box = None
+        if bb is not None:
+            box = (num(bb, "xmin", i), num(bb, "ymin", i), num(bb, "xmax", i), num(bb, "ymax", i))
+        objects.append({"names": names, "box": box, "difficult": flag(obj, "difficult"),
+                        "truncated": flag(obj, "truncated"), "nobndbox": flag(obj, "nobndbox"),
+                        "scene": flag(obj, "scene")})
+    return {"filename": filename, "width": width, "height": height, "objects": objects}

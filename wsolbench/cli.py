@@ -10,7 +10,7 @@ from typing import Sequence
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", required=True, help="registered method name (see `wsolbench list methods`)")
     p.add_argument("--dataset", required=True, help="registered dataset name (see `wsolbench list datasets`)")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default=None, help="default: the dataset's benchmark split (VOC train, COCO val, else test)")
     p.add_argument("--profile", default="paper", choices=("paper", "tiny"),
                    help="paper: the paper's architecture and real weights; tiny: small CPU models (the zoo)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")

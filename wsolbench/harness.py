@@ -36,7 +36,7 @@ class RunSpec:
 
     method: str
     dataset: str
-    split: str = "test"
+    split: str | None = None  # None: the dataset's benchmark split (VOC: train, COCO: val, else test)
     profile: str = "tiny"
     limit: int | None = None
     out: Path = Path("runs")
@@ -76,12 +76,19 @@ class _Evaluator:
 
     def _variant(self, name: str) -> dict[str, Any]:
         if name not in self.metrics:
-            self.metrics[name] = self.new_metrics()
+            self.metrics[name] = {**self.new_metrics(), "health": MapHealth()}
         return self.metrics[name]
 
     def process(self, samples: Sequence[Any], images: list) -> tuple[dict[str, dict[str, Any]], list[dict]]:
         """Localize and score one batch into FRESH metric objects (the batch's shard); return them + records."""
         raise NotImplementedError
+
+    def fresh(self, raw: np.ndarray) -> dict[str, Any]:
+        """New metric objects for one variant of one batch, with the raw maps' health already counted."""
+        mets = self.new_metrics()
+        mets["health"] = MapHealth()
+        mets["health"].update([raw[i, k] for i in range(raw.shape[0]) for k in range(raw.shape[1])])
+        return mets
 
     def absorb(self, batch_metrics: dict[str, dict[str, Any]]) -> None:
         for variant, mets in batch_metrics.items():
@@ -90,14 +97,15 @@ class _Evaluator:
                 target[name].merge(m)
 
     def compute(self, policies: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-        return {v: self.summarize(mets, (policies or {}).get(v)) for v, mets in self.metrics.items()}
+        return {v: {**self.summarize(mets, (policies or {}).get(v)), **mets["health"].compute()}
+                for v, mets in self.metrics.items()}
 
     def summarize(self, mets: dict[str, Any], policy: Any) -> dict[str, Any]:
         raise NotImplementedError
 
     def options(self) -> dict[str, Any]:
         any_variant = next(iter(self.metrics.values()), None) or self.new_metrics()
-        return {name: m.options() for name, m in any_variant.items()}
+        return {name: m.options() for name, m in any_variant.items() if name != "health"}
 
 
 def _maps_by_variant(out: Any) -> dict[str, np.ndarray]:
@@ -146,7 +154,7 @@ class _BoxEvaluator(_Evaluator):
         batch: dict[str, dict[str, Any]] = {}
         for variant, arr in _maps_by_variant(out).items():
             maps = [prepare_map(arr[i, 0], (size, size)) for i in range(len(samples))]
-            mets = self.new_metrics()
+            mets = self.fresh(arr[:, :1])
             mets["v1"].update(maps, gt, pred_top5=top5, labels=labels if top5 else None)
             mets["v2"].update(maps, gt)
             if top5 is not None:
@@ -164,9 +172,10 @@ class _BoxEvaluator(_Evaluator):
         res = {"maxboxacc": v1["maxboxacc"], "gt_known_loc": v1["maxboxacc"],
                "maxboxacc_v2": v2["maxboxacc_v2"]}
         for delta in self.hcfg["iou_thresholds"]:
-            res[f"boxacc_v1_iou{delta}"] = v1[f"boxacc@{delta}"]
-            res[f"boxacc_v2_iou{delta}"] = v2[f"boxacc@{delta}"]
-            res[f"best_tau_v1_iou{delta}"] = v1[f"best_tau@{delta}"]
+            res[f"v1_maxboxacc_iou{delta}"] = v1[f"maxboxacc_iou{delta}"]
+            res[f"v1_best_tau_iou{delta}"] = v1[f"best_tau_iou{delta}"]
+            res[f"v2_maxboxacc_iou{delta}"] = v2[f"maxboxacc_iou{delta}"]
+            res[f"v2_best_tau_iou{delta}"] = v2[f"best_tau_iou{delta}"]
         for key in ("top1_loc", "top5_loc"):
             if v1.get(key) is not None:
                 res[key] = v1[key]
@@ -196,7 +205,7 @@ class _MaskEvaluator(_Evaluator):
         masks, ignores = zip(*(_resize_mask_pair(s.load_mask(), size) for s in samples))
         batch = {}
         for variant, arr in _maps_by_variant(out).items():
-            mets = self.new_metrics()
+            mets = self.fresh(arr[:, :1])
             mets["pxap"].update([prepare_map(arr[i, 0], (size, size)) for i in range(len(samples))],
                                 list(masks), list(ignores))
             batch[variant] = mets
@@ -234,14 +243,14 @@ class _DenseEvaluator(_Evaluator):
                 idx = [channel[c] if channel else c for c in present[i]]
                 h, w = label_maps[i].shape
                 per_class.append(normalize_per_class(arr[i, idx], (w, h)))
-            mets = self.new_metrics()
+            mets = self.fresh(arr)
             mets["miou"].update(per_class, present, label_maps)
             batch[variant] = mets
         return batch, [{"image_id": s.image_id, "labels": list(s.labels)} for s in samples]
 
     def summarize(self, mets, policy):
         r = mets["miou"].compute(_p(policy, "miou"))
-        return {"miou": r["miou"], "best_bg_threshold": r.get("best_threshold"),
+        return {"miou": r["miou"], "best_bg_threshold": r.get("best_tau_miou"),
                 "threshold_policy": r.get("threshold_policy", "oracle")}
 
 
@@ -257,27 +266,32 @@ class _PhraseEvaluator(_Evaluator):
         return {"pointing": PhrasePointing(), "box": GroundingBoxAccuracy()}
 
     def process(self, samples, images):
+        """One query per (image, entity with boxes) as WWbL builds them: the maps of all the entity's
+        phrases are averaged, resized (bilinear) to the original image, and scored against its boxes."""
         import cv2
+
+        from wsolbench.datasets.flickr30k import grounding_samples
 
         batch: dict[str, dict[str, Any]] = {}
         records = []
         for s, img in zip(samples, images):
             w, h = img.size
-            for phrase in s.phrases:
-                out = self.method.localize([img], texts=[[phrase.text]])
+            for g in grounding_samples([s]):
+                out = self.method.localize([img], texts=[list(g.phrases)])
                 for variant, arr in _maps_by_variant(out).items():
                     m = cv2.resize(arr[0].mean(axis=0).astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
-                    mets = batch.setdefault(variant, self.new_metrics())
-                    mets["pointing"].update([m], [phrase.boxes])
-                    mets["box"].update([m], [phrase.boxes])
-                records.append({"image_id": s.image_id, "phrase": phrase.text, "entity": phrase.entity_id})
+                    mets = batch.setdefault(variant, {**self.new_metrics(), "health": MapHealth()})
+                    mets["health"].update(list(arr[0]))
+                    mets["pointing"].update([m], [g.boxes])
+                    mets["box"].update([m], [g.boxes])
+                records.append({"image_id": s.image_id, "entity": g.entity_id, "phrases": list(g.phrases)})
         if not batch:  # a batch with no gradable phrase still leaves an (empty) shard
-            batch["default"] = self.new_metrics()
+            batch["default"] = {**self.new_metrics(), "health": MapHealth()}
         return batch, records
 
     def summarize(self, mets, policy):
-        return {"pointing_game": mets["pointing"].compute()["accuracy"],
-                "bbox_acc": mets["box"].compute()["accuracy"]}
+        return {"pointing_game": mets["pointing"].compute()["pointing_acc"],
+                "bbox_acc": mets["box"].compute()["box_acc"]}
 
 
 EVALUATORS = {"boxes": _BoxEvaluator, "masks": _MaskEvaluator, "dense": _DenseEvaluator,
@@ -321,6 +335,41 @@ class ClassificationAccuracy:
         return {"top_k": [1, 5]}
 
 
+class MapHealth:
+    """Counts raw maps that were non-finite or constant (prepare_map turns those into zeros): reported, never silent."""
+
+    higher_is_better: dict[str, bool] = {}
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.state = {k: np.zeros((), np.int64) for k in ("nonfinite", "constant", "count")}
+
+    def update(self, raw_maps: Sequence[np.ndarray]) -> None:
+        for m in raw_maps:
+            finite = bool(np.isfinite(m).all())
+            self.state["nonfinite"] += int(not finite)
+            self.state["constant"] += int(finite and float(m.max()) == float(m.min()))
+            self.state["count"] += 1
+
+    def merge(self, other: "MapHealth") -> None:
+        for k in self.state:
+            self.state[k] = self.state[k] + other.state[k]
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {k: np.asarray(v) for k, v in self.state.items()}
+
+    def load_state_dict(self, d: dict[str, np.ndarray]) -> None:
+        self.state = {k: np.asarray(d[k], np.int64) for k in self.state}
+
+    def compute(self, policy: Any = None) -> dict[str, int]:
+        return {"nonfinite_maps": int(self.state["nonfinite"]), "constant_maps": int(self.state["constant"])}
+
+    def options(self) -> dict[str, Any]:
+        return {"rule": "non-finite or constant raw maps are scored as all-zero maps (wsolevaluation) and counted"}
+
+
 def _resize_mask_pair(pair: tuple[np.ndarray, np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray]:
     """Nearest-neighbour resize of (foreground, ignore) to size×size (the wsolevaluation mask rule)."""
     import cv2
@@ -355,6 +404,10 @@ def run(spec: RunSpec) -> RunResult:
     dataset_name = DATASETS.canonical(spec.dataset)
     m_over, h_over = split_overrides(spec.overrides)
     hcfg = load_harness_config(h_over)
+    if spec.split is None:
+        from dataclasses import replace
+
+        spec = replace(spec, split=DATASETS.get(dataset_name).eval_split)
     dataset = _open_dataset(dataset_name, spec.split, spec.data_root, hcfg)
     dataset_key = getattr(dataset, "config_key", dataset_name)
     cfg = load_method_config(method_name, spec.profile, dataset_key, m_over)
@@ -528,6 +581,7 @@ def _read_shard(path: Path, ids: list[str], evaluator: _Evaluator) -> tuple[dict
     batch: dict[str, dict[str, Any]] = {}
     for variant, by_name in grouped.items():
         mets = evaluator.new_metrics()
+        mets["health"] = MapHealth()
         for name, state in by_name.items():
             mets[name].load_state_dict(state)
         batch[variant] = mets
@@ -539,7 +593,7 @@ def _fixed_policy(hcfg: dict) -> Any:
 
     if hcfg.get("tau") is None:
         raise HarnessError("threshold_policy 'fixed' needs a threshold: --set harness.tau=0.23")
-    return ThresholdPolicy(kind="fixed", tau=float(hcfg["tau"]))
+    return ThresholdPolicy.fixed(float(hcfg["tau"]))
 
 
 def _val_policies(spec: RunSpec, hcfg: dict, method: Any, run_dir: Path, task: str) -> dict[str, Any]:

@@ -135,7 +135,20 @@ METHODS = Registry(
         "random": "wsolbench.methods.baselines:RandomMap",
     },
 )
-DATASETS = Registry("dataset", "wsolbench.datasets", builtins={})
+DATASETS = Registry("dataset", "wsolbench.datasets", builtins={
+    "cub": "wsolbench.datasets.cub:CUB200",
+    "ilsvrc": "wsolbench.datasets.ilsvrc:ILSVRC",
+    "openimages": "wsolbench.datasets.openimages:OpenImages30k",
+    "voc": "wsolbench.datasets.voc:VOC2012",
+    "coco": "wsolbench.datasets.coco:COCO2014",
+    "flickr30k": "wsolbench.datasets.flickr30k:Flickr30kEntities",
+    "synthetic-cub": "wsolbench.datasets.cub:SyntheticCUB",
+    "synthetic-ilsvrc": "wsolbench.datasets.ilsvrc:SyntheticILSVRC",
+    "synthetic-openimages": "wsolbench.datasets.openimages:SyntheticOpenImages",
+    "synthetic-voc": "wsolbench.datasets.voc:SyntheticVOC",
+    "synthetic-coco": "wsolbench.datasets.coco:SyntheticCOCO",
+    "synthetic-flickr30k": "wsolbench.datasets.flickr30k:SyntheticFlickr30k",
+})
 
 
 def register_method(name: str, aliases: Iterable[str] = ()) -> Callable[[T], T]:
