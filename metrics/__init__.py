@@ -1,1 +1,35 @@
+"""Localisation metrics that reproduce the reference implementations' numbers.
 
+Each metric is a class with ``update(...)`` (per-image lists for one batch), ``compute(policy=None)``
+(→ dict; None = the oracle threshold policy), ``reset()``, ``merge(other)``, ``sync()`` (sum over
+torch.distributed processes), ``state_dict()`` / ``load_state_dict()``, ``options()`` (what to record
+with results), ``count`` and ``higher_is_better``. States are integer sums, so metrics over disjoint
+shards merge into exactly the metric over all images. Plain functions do one-shot evaluation.
+
+- ``MaxBoxAcc`` / ``max_box_acc``: MaxBoxAcc (v1, largest contour), MaxBoxAccV2 (all contours, mean
+  over δ ∈ {30, 50, 70}), GT-known / Top-1 / Top-5 Loc — clovaai/wsolevaluation.
+- ``PxAP`` / ``pxap``: PxAP and pIoU — wsolevaluation MaskEvaluator, DA-WSOL.
+- ``DenseMIoU`` / ``dense_miou``: mIoU of per-class maps with a background-threshold sweep — MCTformer.
+- ``PointingGame`` / ``pointing_game``: TorchRay pointing game (15 px tolerance, mean over classes).
+- ``PhrasePointing`` / ``phrase_pointing``: phrase-grounding pointing accuracy — MultiGrounding / WWbL.
+- ``GroundingBoxAccuracy`` / ``grounding_box_accuracy``: WWbL box accuracy.
+- ``prepare_map`` (+ ``PREPARATION``), ``scale_boxes`` / ``resize_box``, ``normalize_per_class``.
+- ``ThresholdPolicy``: oracle / fixed / val.
+"""
+from .base import Metric, MetricInputError
+from .boxes import BOX_RULES, MaxBoxAcc, box_iou, max_box_acc
+from .dense import DenseMIoU, dense_miou
+from .grounding import GroundingBoxAccuracy, grounding_box_accuracy
+from .masks import PxAP, pxap
+from .pointing import PhrasePointing, PointingGame, boxes_to_mask, phrase_pointing, pointing_game
+from .policy import ThresholdPolicy
+from .prepare import (DENSE_PREPARATION, PREPARATION, normalize_per_class, normalize_scoremap, prepare_map,
+                      resize_box, scale_boxes)
+
+__all__ = [
+    "BOX_RULES", "DENSE_PREPARATION", "DenseMIoU", "GroundingBoxAccuracy", "MaxBoxAcc", "Metric",
+    "MetricInputError", "PREPARATION", "PhrasePointing", "PointingGame", "PxAP", "ThresholdPolicy",
+    "box_iou", "boxes_to_mask", "dense_miou", "grounding_box_accuracy", "max_box_acc",
+    "normalize_per_class", "normalize_scoremap", "phrase_pointing", "pointing_game", "prepare_map",
+    "pxap", "resize_box", "scale_boxes",
+]

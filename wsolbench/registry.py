@@ -133,6 +133,7 @@ METHODS = Registry(
     builtins={
         "center": "wsolbench.methods.baselines:CenterPrior",
         "random": "wsolbench.methods.baselines:RandomMap",
+        "cam": "wsolbench.methods.cam:CAM",
     },
 )
 DATASETS = Registry("dataset", "wsolbench.datasets", builtins={

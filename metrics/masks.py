@@ -1,0 +1,171 @@
+"""PxAP and pIoU (clovaai/wsolevaluation MaskEvaluator; pIoU as in DA-WSOL libs/evaluation.py).
+
+Foreground and background pixel scores are histogrammed separately with right edges
+``[τ_0, …, τ_{n-1}, 1, 2, 3]`` (τ = arange(0, 1, cam_curve_interval); bins [0, bw), …, [1−bw, 1), [1, 2),
+[2, 3]) and summed over the split. Then, in the reference's order (index 0 = the highest bin):
+
+    tp = cumsum(fg_hist[::-1]); fp = cumsum(bg_hist[::-1]); fn = P − tp
+    precision = tp / (tp + fp); recall = tp / (tp + fn)
+    PxAP = 100 · Σ_{k≥1, tp+fp≠0} precision[k] · (recall[k] − recall[k−1])
+    pIoU = max_k 100 · tp / (fp + fn + tp)
+
+Ignored pixels (ignore mask AND NOT foreground) count in neither histogram.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .base import (Metric, MetricInputError, as_list, check_lengths, check_score_map, grid_index,
+                   threshold_grid, to_numpy)
+from .policy import ThresholdPolicy, resolve
+from .prepare import PREPARATION
+
+
+def _binary_mask(m: Any, shape: tuple[int, ...], where: str, what: str) -> np.ndarray:
+    arr = to_numpy(m)
+    if arr.shape != shape:
+        raise MetricInputError(f"{where}: {what} has shape {arr.shape}, the score map has {shape}")
+    if arr.dtype == bool:
+        return arr
+    if arr.dtype.kind not in "iuf":
+        raise MetricInputError(f"{where}: {what} must be boolean, got dtype {arr.dtype}")
+    if not np.isin(arr, (0, 1)).all():
+        raise MetricInputError(f"{where}: {what} must be boolean or 0/1; got values outside {{0, 1}} "
+                               f"(threshold it first, e.g. mask > 0.5)")
+    return arr.astype(bool)
+
+
+def histogram_bins(values: np.ndarray, edges: np.ndarray, interval: float) -> np.ndarray:
+    """Bin index of each value, identical to ``np.histogram(values, bins=edges)`` for values in
+    [edges[0], 1] (a first guess from value/interval, then corrected against the actual edges)."""
+    v = values.astype(np.float64, copy=False)
+    n_last = len(edges) - 2  # the index of the last bin [2, 3]
+    k = np.minimum((v / interval).astype(np.int64), len(edges) - 4)  # at most the [1, 2) bin
+    np.maximum(k, 0, out=k)
+    for _ in range(2):
+        k -= v < edges[k]
+        k += v >= edges[k + 1]
+    np.clip(k, 0, n_last, out=k)
+    return k
+
+
+class PxAP(Metric):
+    """Pixel average precision (PxAP) and the best pixel IoU (pIoU) over thresholds.
+
+    ``update(maps, gt_masks, ignore_masks=None)``: per image an H×W float score map in [0, 1], a boolean
+    foreground mask of the same shape and optionally a boolean ignore mask (pixels ignored unless
+    foreground). State: two integer histograms."""
+
+    higher_is_better: ClassVar[dict[str, bool]] = {"pxap": True, "piou": True}
+    primary: ClassVar[str] = "pxap"
+
+    def __init__(self, cam_curve_interval: float = 0.01) -> None:
+        super().__init__()
+        self.cam_curve_interval = float(cam_curve_interval)
+        self.thresholds = threshold_grid(self.cam_curve_interval)
+        self.edges = np.append(self.thresholds, [1.0, 2.0, 3.0])
+        n_bins = len(self.thresholds) + 2
+        self._add_state("fg_hist", np.zeros(n_bins, np.int64))
+        self._add_state("bg_hist", np.zeros(n_bins, np.int64))
+
+    def options(self) -> dict[str, Any]:
+        return {
+            "metric": "PxAP",
+            "cam_curve_interval": self.cam_curve_interval,
+            "bins": "right edges = arange(0, 1, interval) + [1, 2, 3]",
+            "ignore": "ignore mask AND NOT foreground excluded",
+            "preparation": PREPARATION,
+        }
+
+    def update(self, maps: Any, gt_masks: Any, ignore_masks: Any = None) -> None:
+        maps_l = as_list(maps, "maps")
+        gts_l = as_list(gt_masks, "gt_masks")
+        ign_l = as_list(ignore_masks, "ignore_masks") if ignore_masks is not None else None
+        check_lengths("PxAP.update", maps=maps_l, gt_masks=gts_l, ignore_masks=ign_l)
+        n_bins = len(self.edges) - 1
+        batch = []
+        for i, (m, g) in enumerate(zip(maps_l, gts_l)):
+            where = self._where(i)
+            m = check_score_map(m, where)
+            fg = _binary_mask(g, m.shape, where, "gt mask")
+            ign = None
+            if ign_l is not None and ign_l[i] is not None:
+                ign = _binary_mask(ign_l[i], m.shape, where, "ignore mask") & ~fg
+            if ign is not None:
+                keep = ~ign
+                scores, labels = m[keep], fg[keep]
+            else:
+                scores, labels = m.reshape(-1), fg.reshape(-1)
+            if labels.size == 0:
+                raise MetricInputError(f"{where}: every pixel is ignored")
+            batch.append((scores, labels))
+        for scores, labels in batch:
+            k = histogram_bins(scores, self.edges, self.cam_curve_interval)
+            counts = np.bincount(k + n_bins * (~labels), minlength=2 * n_bins)
+            self._state["fg_hist"] += counts[:n_bins]
+            self._state["bg_hist"] += counts[n_bins:]
+        self._state["count"] += len(batch)
+
+    def _curves(self) -> dict[str, np.ndarray]:
+        fg = self._state["fg_hist"].astype(np.float64)
+        bg = self._state["bg_hist"].astype(np.float64)
+        num_gt_true = fg.sum()
+        tp = fg[::-1].cumsum()
+        fn = num_gt_true - tp
+        fp = bg[::-1].cumsum()
+        if ((tp + fn) <= 0).all():
+            raise MetricInputError("PxAP: no foreground (positive) pixel in the evaluated images")
+        if ((tp + fp) <= 0).all():
+            raise MetricInputError("PxAP: no pixel was evaluated")
+        with np.errstate(invalid="ignore", divide="ignore"):
+            precision = tp / (tp + fp)
+            recall = tp / (tp + fn)
+            iou = tp / (fp + fn + tp)
+            iou *= 100
+        # threshold of index k: scores ≥ left edge of bin (n_bins − 1 − k)
+        taus = self.edges[:-1][::-1].copy()
+        return {"tp": tp, "fp": fp, "fn": fn, "precision": precision, "recall": recall, "iou": iou,
+                "tau": taus}
+
+    def compute(self, policy: ThresholdPolicy | None = None) -> dict[str, Any]:
+        self._require_data()
+        pol = resolve(policy)
+        c = self._curves()
+        non_zero = (c["tp"] + c["fp"]) != 0
+        auc = (c["precision"][1:] * np.diff(c["recall"]))[non_zero[1:]].sum()
+        auc *= 100
+        iou = c["iou"]
+        if pol.kind == "oracle":
+            valid = np.flatnonzero(~np.isnan(iou))
+            k = int(valid[np.argmax(iou[valid])])
+        else:
+            k = grid_index(c["tau"], pol.tau_for("piou"), "PxAP (piou)")
+        out: dict[str, Any] = {
+            "metric": "PxAP",
+            "pxap": float(auc),
+            "piou": float(iou[k]),
+            "best_tau_piou": float(c["tau"][k]),
+            "precision_at_tau": float(c["precision"][k]),
+            "recall_at_tau": float(c["recall"][k]),
+        }
+        out.update(pol.as_record())
+        if pol.kind == "oracle":
+            out["tau"] = None
+        out["count"] = self.count
+        out["cam_curve_interval"] = self.cam_curve_interval
+        return out
+
+    def curves(self) -> dict[str, np.ndarray]:
+        """Precision, recall and IoU per threshold (index 0 = the highest threshold), for plots."""
+        self._require_data()
+        return self._curves()
+
+
+def pxap(maps: Any, gt_masks: Any, ignore_masks: Any = None, *, cam_curve_interval: float = 0.01,
+         policy: ThresholdPolicy | None = None) -> dict[str, Any]:
+    """One-shot PxAP / pIoU (see ``PxAP``)."""
+    metric = PxAP(cam_curve_interval)
+    metric.update(maps, gt_masks, ignore_masks)
+    return metric.compute(policy)
