@@ -1,0 +1,562 @@
+"""CAM — Class Activation Mapping (Zhou et al., CVPR 2016), the WSOL baseline, plus an optional Grad-CAM variant.
+
+A classifier whose last conv features ``f`` (B×D×h×w) go through global average pooling into a linear layer
+``W`` (C×D); the CAM of class c is the classifier-weighted sum ``Σ_d W[c, d] · f[d]`` (raw, bias-free, at the
+feature resolution — the harness normalises and resizes maps the one documented way).
+
+Backbones (the WSOL-standard variants of wsolevaluation, Choe et al. CVPR 2020, ``wsol/{vgg,resnet,inception}.py``):
+
+* ``vgg16``: conv1–conv5 with the last max-pool removed (14×14 at 224 px; 28×28 with ``large_feature_map``,
+  which also drops pool4) + an extra 3×3 conv (512→1024, "conv6") + ReLU.
+* ``resnet50``: layer4 with stride 1 (14×14); ``large_feature_map`` also sets layer3 to stride 1 (28×28).
+  Same parameter names as torchvision, so ImageNet checkpoints load unchanged.
+* ``inceptionv3``: Mixed_6a with stride 1 and the first conv padded (28×28 with ``large_feature_map``, else an
+  extra max-pool → 14×14) + two 3×3 convs (768→1024→1024) with dropout 0.5, as in wsolevaluation.
+* ``tiny``: a small BN-ReLU CNN trained from scratch (stride 8) for CPU demos and tests.
+
+ImageNet weights (profile ``paper``) are loaded in ``fit`` (not when only rebuilding a trained model) from a
+local path or the torchvision file in WSOLBENCH_WEIGHTS / the torch hub cache, never downloaded; a missing file
+raises an error naming the file and where to put it.
+
+Training: cross-entropy (single-label) or multi-label soft margin (VOC/COCO) — decided from
+``train_data.multi_label`` unless ``train.loss`` says otherwise; SGD with a higher learning rate on the new
+layers (``lr_classifier_mult``), step or poly schedule; through ``wsolbench.training.TrainLoop`` (checkpoint
+each epoch, resume, progress bar).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wsolbench.localizer import Capability, InputError, Localizer, LocalizerOutput
+from wsolbench.registry import register_method
+
+log = logging.getLogger(__name__)
+
+BACKBONES = ("vgg16", "resnet50", "inceptionv3", "tiny")
+VARIANTS = ("cam", "gradcam")
+# torchvision ImageNet checkpoints accepted for each backbone (first = the current torchvision file name)
+TORCHVISION_FILES: dict[str, tuple[str, ...]] = {
+    "vgg16": ("vgg16-397923af.pth",),
+    "resnet50": ("resnet50-0676ba61.pth", "resnet50-19c8e357.pth", "resnet50-11ad3fa6.pth"),
+    "inceptionv3": ("inception_v3_google-0cc3c7bd.pth", "inception_v3_google-1a9a5a14.pth"),
+}
+TORCHVISION_URLS = {
+    "vgg16": "https://download.pytorch.org/models/vgg16-397923af.pth",
+    "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+    "inceptionv3": "https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth",
+}
+# parameter-name prefixes trained with lr × lr_classifier_mult (wsolevaluation main.py: for ResNet50 layer4
+# counts as "classifier"; for VGG16/InceptionV3 every non-pretrained layer does)
+DEFAULT_CLASSIFIER_PREFIXES = {
+    "vgg16": ("head.", "fc."),
+    "resnet50": ("backbone.layer4.", "head.", "fc."),
+    "inceptionv3": ("head.", "fc."),
+    "tiny": ("head.", "fc."),
+}
+
+
+class MissingWeightsError(FileNotFoundError):
+    """ImageNet weights for the paper profile are not on disk; the message names the file and the places."""
+
+
+# ----------------------------------------------------------------------------------------------- network
+class CAMNet(nn.Module):
+    """backbone → head (extra convs) → ``cam_layer`` (identity, the hook point) → GAP → ``fc``."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, feat_dim: int, num_classes: int,
+                 fc_bias: bool = True) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.cam_layer = nn.Identity()
+        self.fc = nn.Linear(feat_dim, num_classes, bias=fc_bias)
+        nn.init.normal_(self.fc.weight, 0.0, 0.01)
+        if self.fc.bias is not None:
+            nn.init.zeros_(self.fc.bias)
+        self.freeze_bn = False
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cam_layer(self.head(self.backbone(x)))
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.features(x)
+        return self.fc(f.mean(dim=(2, 3))), f
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_features(x)[0]
+
+    def cams(self, feats: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """B×K×h×w CAMs: ``Σ_d fc.weight[classes[b, k], d] · feats[b, d]`` for a B×K index tensor."""
+        w = self.fc.weight[classes]  # B×K×D
+        return torch.einsum("bkd,bdhw->bkhw", w.to(feats.dtype), feats)
+
+    def train(self, mode: bool = True) -> "CAMNet":
+        super().train(mode)
+        if mode and self.freeze_bn:  # keep ImageNet BN statistics (IRN practice for VOC)
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+
+def _init_conv(m: nn.Module) -> None:
+    for mod in m.modules():
+        if isinstance(mod, nn.Conv2d):
+            nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
+            if mod.bias is not None:
+                nn.init.zeros_(mod.bias)
+        elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            nn.init.ones_(mod.weight)
+            nn.init.zeros_(mod.bias)
+
+
+def _vgg16_trunk(large_feature_map: bool) -> nn.Sequential:
+    """torchvision VGG16 ``features`` with pool5 (and pool4 for 28×28) replaced by Identity (indices kept)."""
+    from torchvision.models.vgg import cfgs, make_layers
+
+    feats = make_layers(cfgs["D"], batch_norm=False)  # == vgg16().features, without building the classifier
+    for idx in ((23, 30) if large_feature_map else (30,)):
+        assert isinstance(feats[idx], nn.MaxPool2d)
+        feats[idx] = nn.Identity()
+    return feats
+
+
+class ResNet50Trunk(nn.Module):
+    """torchvision ResNet50 up to layer4 (same parameter names), layer4 (and layer3 if large) at stride 1."""
+
+    def __init__(self, large_feature_map: bool) -> None:
+        super().__init__()
+        from torchvision.models import resnet50
+
+        tv = resnet50(weights=None)
+        for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
+            setattr(self, name, getattr(tv, name))
+        for layer in ([self.layer3, self.layer4] if large_feature_map else [self.layer4]):
+            block = layer[0]
+            block.conv2.stride = (1, 1)
+            block.downsample[0].stride = (1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+class InceptionV3Trunk(nn.Module):
+    """torchvision InceptionV3 up to Mixed_6e with wsolevaluation's changes (first conv padded, Mixed_6a at
+    stride 1, an extra max-pool before Mixed_6a unless ``large_feature_map``). Inputs normalised with the
+    ImageNet mean/std are mapped to the [-1, 1] range the Google weights expect (torchvision transform_input)."""
+
+    _NAMES = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3", "Mixed_5b",
+              "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e")
+
+    def __init__(self, large_feature_map: bool, transform_input: bool = True) -> None:
+        super().__init__()
+        from torchvision.models import inception_v3
+
+        tv = inception_v3(weights=None, aux_logits=False, init_weights=False)
+        for name in self._NAMES:
+            setattr(self, name, getattr(tv, name))
+        self.Conv2d_1a_3x3.conv.padding = (1, 1)
+        for conv in (self.Mixed_6a.branch3x3.conv, self.Mixed_6a.branch3x3dbl_3.conv):
+            conv.stride, conv.padding = (1, 1), (1, 1)
+        self.large_feature_map = large_feature_map
+        self.transform_input = transform_input
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.transform_input:
+            mean = x.new_tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+            std = x.new_tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+            x = (x * std + mean - 0.5) / 0.5
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1, ceil_mode=True)
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
+        x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1, ceil_mode=True)
+        x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))
+        if not self.large_feature_map:
+            x = F.max_pool2d(x, kernel_size=3, stride=2, ceil_mode=True)
+        m = self.Mixed_6a  # stride-1 InceptionB: torchvision's forward hard-codes a stride-2 pool branch
+        b3 = m.branch3x3(x)
+        bd = m.branch3x3dbl_3(m.branch3x3dbl_2(m.branch3x3dbl_1(x)))
+        x = torch.cat([b3, bd, F.max_pool2d(x, kernel_size=3, stride=1, padding=1)], 1)
+        return self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x))))
+
+
+class TinyTrunk(nn.Sequential):
+    """Conv-BN-ReLU stages (``convs`` per stage, the first with the stage's stride)."""
+
+    def __init__(self, widths: Sequence[int], strides: Sequence[int], convs: int = 1) -> None:
+        if len(widths) != len(strides):
+            raise ValueError(f"tiny.widths {list(widths)} and tiny.strides {list(strides)} differ in length")
+        layers: list[nn.Module] = []
+        cin = 3
+        for w, s in zip(widths, strides):
+            for j in range(max(1, int(convs))):
+                layers += [nn.Conv2d(cin, int(w), 3, stride=int(s) if j == 0 else 1, padding=1, bias=False),
+                           nn.BatchNorm2d(int(w)), nn.ReLU(inplace=True)]
+                cin = int(w)
+        super().__init__(*layers)
+        self.out_channels = cin
+
+
+def build_cam_net(cfg: dict, num_classes: int) -> CAMNet:
+    """The CAMNet described by ``cfg`` (random init; ImageNet weights are loaded by ``load_imagenet``)."""
+    name = str(cfg.get("backbone", "vgg16")).lower()
+    large = bool(cfg.get("large_feature_map", False))
+    head_channels = cfg.get("head_channels")
+    if name == "vgg16":
+        backbone, dim = _vgg16_trunk(large), 512
+        _init_conv(backbone)
+        head_channels = 1024 if head_channels is None else int(head_channels)
+        head = nn.Sequential(nn.Conv2d(dim, head_channels, 3, padding=1), nn.ReLU(inplace=False)) \
+            if head_channels else nn.Sequential()
+    elif name == "resnet50":
+        backbone, dim = ResNet50Trunk(large), 2048
+        head_channels = 0 if head_channels is None else int(head_channels)
+        head = nn.Sequential(nn.Conv2d(dim, head_channels, 3, padding=1), nn.ReLU(inplace=False)) \
+            if head_channels else nn.Sequential()
+    elif name == "inceptionv3":
+        backbone, dim = InceptionV3Trunk(large), 768
+        head_channels = 1024 if head_channels is None else int(head_channels)
+        head = nn.Sequential(nn.Dropout(0.5), nn.Conv2d(dim, head_channels, 3, padding=1), nn.ReLU(inplace=False),
+                             nn.Dropout(0.5), nn.Conv2d(head_channels, head_channels, 3, padding=1),
+                             nn.ReLU(inplace=False), nn.Dropout(0.5)) if head_channels else nn.Sequential()
+    elif name == "tiny":
+        t = cfg.get("tiny") or {}
+        backbone = TinyTrunk(t.get("widths", (32, 64, 128, 128)), t.get("strides", (2, 2, 2, 1)),
+                             t.get("convs_per_stage", 1))
+        dim = backbone.out_channels
+        head_channels = 256 if head_channels is None else int(head_channels)
+        head = nn.Sequential(nn.Conv2d(dim, head_channels, 3, padding=1), nn.ReLU(inplace=False)) \
+            if head_channels else nn.Sequential()
+        _init_conv(backbone)
+    else:
+        raise ValueError(f"unknown CAM backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    _init_conv(head)
+    feat_dim = head_channels or dim
+    return CAMNet(backbone, head, feat_dim, num_classes, fc_bias=bool(cfg.get("fc_bias", True)))
+
+
+# ------------------------------------------------------------------------------------------ ImageNet weights
+def imagenet_weight_candidates(backbone: str) -> list[Path]:
+    """Where a torchvision ImageNet checkpoint of ``backbone`` is looked for, in order."""
+    from wsolbench.paths import weights_dir
+
+    dirs: list[Path] = []
+    wd = weights_dir()
+    if wd is not None:
+        dirs += [wd, wd / "torchvision"]
+    torch_home = Path(os.environ.get("TORCH_HOME", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+                                     / "torch")).expanduser()
+    dirs.append(torch_home / "hub" / "checkpoints")
+    return [d / f for d in dirs for f in TORCHVISION_FILES.get(backbone, ())]
+
+
+def resolve_imagenet_weights(backbone: str, spec: Any) -> Path:
+    """``spec``: a file path, or ``imagenet``/``torchvision`` (search the weights dir and the torch cache)."""
+    if spec in (None, False, "", "none"):
+        raise ValueError("no pretrained weights requested")
+    try:  # the shared resolver, where present
+        from wsolbench import weights as _weights  # type: ignore[attr-defined]
+    except ImportError:
+        _weights = None
+    text = str(spec)
+    if text.lower() not in ("imagenet", "torchvision", "true"):
+        path = Path(text).expanduser()
+        if path.is_file():
+            return path
+        raise MissingWeightsError(f"CAM pretrained weights file {path} does not exist (config key 'pretrained')")
+    if backbone not in TORCHVISION_FILES:
+        raise ValueError(f"backbone {backbone!r} has no ImageNet weights; set pretrained: null")
+    candidates = imagenet_weight_candidates(backbone)
+    for c in candidates:
+        if c.is_file():
+            return c
+    if _weights is not None and hasattr(_weights, "resolve"):
+        try:
+            return Path(_weights.resolve(f"torchvision/{TORCHVISION_FILES[backbone][0]}"))
+        except Exception:  # noqa: BLE001 - fall through to our own message
+            pass
+    first = TORCHVISION_FILES[backbone][0]
+    places = "\n  ".join(str(c.parent) for c in candidates[:: max(1, len(TORCHVISION_FILES[backbone]))])
+    raise MissingWeightsError(
+        f"ImageNet weights for CAM backbone {backbone!r} not found: expected the torchvision file {first} "
+        f"(from {TORCHVISION_URLS[backbone]}) in one of\n  {places}\n"
+        f"Download it on a machine with internet access and copy it there (set WSOLBENCH_WEIGHTS to choose "
+        f"the folder), or set 'pretrained: /path/to/{first}' in the config; 'pretrained: null' trains from "
+        f"scratch.")
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state_dict (name → tensor), got {type(state).__name__}")
+    return {k.removeprefix("module."): v for k, v in state.items() if torch.is_tensor(v)}
+
+
+def load_imagenet(net: CAMNet, backbone: str, path: Path) -> list[str]:
+    """Copy the backbone tensors of a torchvision checkpoint into ``net.backbone``; returns the loaded keys."""
+    state = _read_state(path)
+    if backbone == "vgg16":
+        mapped = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
+    elif backbone in ("resnet50", "inceptionv3"):
+        own = set(net.backbone.state_dict())
+        mapped = {k: v for k, v in state.items() if k in own}
+    else:
+        raise ValueError(f"backbone {backbone!r} has no ImageNet weights")
+    own_state = net.backbone.state_dict()
+    missing = [k for k in own_state if k not in mapped and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise ValueError(f"{path} does not look like torchvision {backbone} weights: {len(missing)} backbone "
+                         f"tensors missing, e.g. {missing[:3]}")
+    bad = [k for k, v in mapped.items() if k in own_state and own_state[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"{path}: shape mismatch for {bad[:3]} (is it the right architecture?)")
+    net.backbone.load_state_dict(mapped, strict=False)
+    return sorted(mapped)
+
+
+# ----------------------------------------------------------------------------------------------- method
+def _default_config() -> dict:
+    from wsolbench.config import config_dir, read_yaml
+
+    return read_yaml(config_dir() / "cam.yaml")
+
+
+@register_method("cam")
+class CAM(Localizer):
+    """CAM / Grad-CAM localizer; see the module docstring. Config: ``configs/cam*.yaml``."""
+
+    capabilities = frozenset({Capability.SINGLE, Capability.MULTI})
+    needs_training = True
+
+    def __init__(self, config: dict | None = None, class_names: Sequence[str] | None = None,
+                 device: str = "cpu") -> None:
+        from wsolbench.config import merge
+
+        cfg = merge(_default_config(), dict(config or {}), schema=None)
+        super().__init__(cfg, class_names, device)
+        self.backbone_name = str(cfg["backbone"]).lower()
+        if self.backbone_name not in BACKBONES:
+            raise ValueError(f"unknown CAM backbone {self.backbone_name!r}; choose one of {', '.join(BACKBONES)}")
+        self.variant = str(cfg.get("variant", "cam")).lower()
+        if self.variant not in VARIANTS:
+            raise ValueError(f"cam variant must be one of {VARIANTS}, got {self.variant!r}")
+        self.input_size = int(cfg.get("input_size", 224))
+        self.model = self._build(self._num_classes())
+
+    # -- construction --
+    def _num_classes(self) -> int:
+        n = len(self.class_names) or int(self.config.get("num_classes") or 0)
+        return n if n > 0 else 1  # rebuilt in fit() once the classes are known
+
+    def _build(self, num_classes: int) -> CAMNet:
+        seed = int((self.config.get("train") or {}).get("seed", 0))
+        with torch.random.fork_rng(devices=[]):  # deterministic init that leaves the global RNG alone
+            torch.manual_seed(seed)
+            net = build_cam_net(self.config, num_classes)
+        return net.to(self.device).eval()
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.model.fc.out_features)
+
+    @property
+    def multi_label(self) -> bool:
+        return bool(self.config.get("multi_label") or False)
+
+    # -- training --
+    def fit(self, train_data: Any, *, val_data: Any = None, out_dir: str | Path | None = None,
+            resume: bool = False, progress: bool = True) -> dict:
+        from wsolbench.training import TrainLoop, make_loader, seed_everything, train_transform
+
+        t = dict(self.config.get("train") or {})
+        multi = bool(getattr(train_data, "multi_label", False))
+        loss_name = str(t.get("loss", "auto")).lower()
+        if loss_name == "auto":
+            loss_name = "mlsm" if multi else "ce"
+        if loss_name not in ("ce", "mlsm"):
+            raise ValueError(f"train.loss must be auto, ce or mlsm, got {loss_name!r}")
+        if loss_name == "ce" and multi:
+            raise ValueError(f"{train_data!r} is multi-label; cross-entropy needs one label per image "
+                             "(use train.loss: mlsm or auto)")
+        names = list(getattr(train_data, "class_names", []) or [])
+        if self.class_names and names and names != self.class_names:
+            raise ValueError("the training data's class names differ from the method's class names")
+        if not self.class_names:
+            self.class_names = names
+        self.config["multi_label"] = loss_name == "mlsm"
+        if self.num_classes != len(self.class_names):
+            self.model = self._build(len(self.class_names))
+
+        out = Path(out_dir) if out_dir is not None else None
+        ckpt_exists = out is not None and (out / "last.pt").exists()
+        pretrained = self.config.get("pretrained")
+        loaded_from = None
+        if pretrained and not (resume and ckpt_exists):
+            path = resolve_imagenet_weights(self.backbone_name, pretrained)
+            load_imagenet(self.model, self.backbone_name, path)
+            loaded_from = str(path)
+
+        net = self.model
+        net.freeze_bn = bool(t.get("freeze_bn", False))
+        frozen = tuple(t.get("frozen_prefixes") or ())
+        for n, p in net.named_parameters():
+            p.requires_grad_(not n.startswith(frozen) if frozen else True)
+        optimizer = self._optimizer(t)
+        epochs = int(t.get("epochs", 1))
+        batch_size = int(t.get("batch_size", 32))
+        steps_per_epoch = len(train_data) // batch_size if t.get("drop_last", True) else \
+            -(-len(train_data) // batch_size)
+        if steps_per_epoch < 1:
+            raise ValueError(f"{len(train_data)} training images are fewer than one batch of {batch_size}")
+        if t.get("max_steps_per_epoch"):
+            steps_per_epoch = min(steps_per_epoch, int(t["max_steps_per_epoch"]))
+        scheduler, interval = self._scheduler(t, optimizer, epochs, steps_per_epoch)
+
+        seed = int(t.get("seed", 0))
+        seed_everything(seed)
+        tf = train_transform(int(t.get("resize_size", 256)), int(t.get("crop_size", 224)), self.mean, self.std,
+                             flip=bool(t.get("flip", True)), scale=t.get("scale"),
+                             color_jitter=float(t.get("color_jitter") or 0.0), hue=float(t.get("hue") or 0.0),
+                             grayscale_p=float(t.get("grayscale_p") or 0.0))
+        target = "multi" if loss_name == "mlsm" else "single"
+        num_workers = int(t.get("num_workers", 0))
+        dev = torch.device(self.device)
+
+        def loaders(epoch: int):
+            return make_loader(train_data, tf, batch_size=batch_size, shuffle=True, seed=seed, target=target,
+                               drop_last=bool(t.get("drop_last", True)), epoch=epoch, num_workers=num_workers,
+                               num_classes=len(self.class_names), pin_memory=dev.type == "cuda")
+
+        def step(batch):
+            x = batch["image"].to(dev, non_blocking=True)
+            y = batch["label"].to(dev, non_blocking=True)
+            logits = net(x)
+            if loss_name == "mlsm":
+                loss = F.multilabel_soft_margin_loss(logits, y)
+                acc = ((logits > 0).float() == y).float().mean()
+            else:
+                loss = F.cross_entropy(logits, y)
+                acc = (logits.argmax(1) == y).float().mean()
+            return {"loss": loss, "acc": acc.detach()}
+
+        loop = TrainLoop(out, epochs=epochs, modules={"model": net}, optimizer=optimizer, scheduler=scheduler,
+                         progress=progress, desc=f"cam-{self.backbone_name}",
+                         grad_clip=t.get("grad_clip"), scheduler_interval=interval,
+                         max_steps_per_epoch=t.get("max_steps_per_epoch"))
+        history = loop.run(loaders, step, resume=resume)
+        net.eval()
+        result = {"history": history, "epochs": epochs, "loss": loss_name, "pretrained": loaded_from,
+                  "final_loss": history[-1]["loss"] if history else None}
+        if out is not None:
+            result["out_dir"] = str(out)
+        return result
+
+    def _optimizer(self, t: dict) -> torch.optim.Optimizer:
+        prefixes = tuple(t.get("classifier_prefixes") or DEFAULT_CLASSIFIER_PREFIXES[self.backbone_name])
+        lr = float(t.get("lr", 0.01))
+        mult = float(t.get("lr_classifier_mult", 1.0))
+        feats, cls = [], []
+        for n, p in self.model.named_parameters():
+            if p.requires_grad:
+                (cls if n.startswith(prefixes) else feats).append(p)
+        groups = [g for g in ({"params": feats, "lr": lr}, {"params": cls, "lr": lr * mult}) if g["params"]]
+        momentum = float(t.get("momentum", 0.9))
+        opt_name = str(t.get("optimizer", "sgd")).lower()
+        if opt_name == "sgd":
+            return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=float(t.get("weight_decay", 0.0)),
+                                   nesterov=bool(t.get("nesterov", False)) and momentum > 0)
+        if opt_name == "adamw":
+            return torch.optim.AdamW(groups, lr=lr, weight_decay=float(t.get("weight_decay", 0.0)))
+        raise ValueError(f"train.optimizer must be sgd or adamw, got {opt_name!r}")
+
+    @staticmethod
+    def _scheduler(t: dict, optimizer, epochs: int, steps_per_epoch: int):
+        kind = str(t.get("lr_schedule", "step")).lower()
+        if kind == "step":
+            every = max(1, int(t.get("lr_decay_every", 10 ** 9)))
+            gamma = float(t.get("lr_decay_gamma", 0.1))
+            # wsolevaluation decays before epoch e (1-based) when e % every == 0; LambdaLR gets the 0-based index
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: gamma ** ((e + 1) // every)), "epoch"
+        if kind == "poly":
+            total = max(1, epochs * steps_per_epoch)
+            power = float(t.get("poly_power", 0.9))
+            return torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda s: max(0.0, 1.0 - min(s, total) / total) ** power), "step"
+        if kind in ("constant", "none"):
+            return None, "epoch"
+        raise ValueError(f"train.lr_schedule must be step, poly or constant, got {kind!r}")
+
+    # -- inference --
+    def localize(self, images: Any, classes: Sequence[Any] | None = None,
+                 texts: Sequence[Any] | None = None) -> LocalizerOutput:
+        if texts is not None:
+            self.require(Capability.PHRASE)
+        x = self.preprocess(images)
+        b = x.shape[0]
+        queries = self.class_queries(classes, b)
+        c = self.num_classes
+        if queries is not None:
+            bad = sorted({q for qs in queries for q in qs if not 0 <= q < c})
+            if bad:
+                raise InputError(f"class indices {bad} out of range for a CAM model with {c} classes")
+        self.model.eval()
+        chunk = max(1, int((self.config.get("eval") or {}).get("batch_size", 64)))
+        maps, logits, out_classes = [], [], []
+        for s in range(0, b, chunk):
+            q = None if queries is None else queries[s:s + chunk]
+            m, lg, qq = self._localize_batch(x[s:s + chunk], q)
+            maps.append(m)
+            logits.append(lg)
+            out_classes += qq
+        return LocalizerOutput(maps=torch.cat(maps).float().cpu(), logits=torch.cat(logits).float().cpu(),
+                               classes=out_classes)
+
+    def _localize_batch(self, x: torch.Tensor, queries: list[list[int]] | None):
+        net = self.model
+        if self.variant == "cam":
+            with torch.no_grad():
+                logits, feats = net.forward_with_features(x)
+        else:
+            with torch.no_grad():
+                logits = net(x)
+        if queries is None:
+            if self.multi_label:
+                queries = [list(range(self.num_classes))] * x.shape[0]
+            else:
+                queries = [[int(i)] for i in logits.argmax(1).tolist()]
+        idx = torch.as_tensor(queries, dtype=torch.long, device=logits.device)
+        if self.variant == "cam":
+            maps = net.cams(feats, idx)
+        else:
+            from wsolbench.gradcam import grad_cam
+
+            layer = self.config.get("gradcam_layer") or "cam_layer"
+            maps, _ = grad_cam(net, layer, x, targets=queries)
+        return maps.detach(), logits.detach(), [list(q) for q in queries]
+
+    def __repr__(self) -> str:
+        return (f"CAM(backbone={self.backbone_name!r}, variant={self.variant!r}, classes={self.num_classes}, "
+                f"multi_label={self.multi_label})")
+
+
+def config_for(backbone: str, **train_overrides: Any) -> dict:
+    """A CAM config for ``backbone`` on top of the defaults (handy in notebooks)."""
+    cfg = copy.deepcopy(_default_config())
+    cfg["backbone"] = backbone
+    cfg.setdefault("train", {}).update(train_overrides)
+    return cfg
