@@ -191,12 +191,12 @@ def check_score_map(m: Any, where: str, shape: tuple[int, int] | None = None,
         raise MetricInputError(f"{where}: score map is empty (shape {arr.shape})")
     if shape is not None and tuple(arr.shape) != tuple(shape):
         raise MetricInputError(f"{where}: score map has shape {arr.shape}, expected {tuple(shape)}")
-    if np.isnan(arr).any():
+    lo, hi = float(arr.min()), float(arr.max())  # min/max propagate NaN
+    if math.isnan(lo) or math.isnan(hi):
         raise MetricInputError(f"{where}: score map contains NaN (prepare_map turns such maps into zeros)")
-    if not np.isfinite(arr).all():
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise MetricInputError(f"{where}: score map contains ±inf")
     if unit_range:
-        lo, hi = float(arr.min()), float(arr.max())
         if lo < 0 or hi > 1:
             raise MetricInputError(f"{where}: score map values must lie in [0, 1], got range "
                                    f"[{lo:.6g}, {hi:.6g}]; normalise with wsolbench.metrics.prepare_map")

@@ -15,8 +15,9 @@ and the accuracy at δ is max over τ of 100·correct/count (oracle) or the valu
 The fast path gives the same numbers as that loop (the unit tests and bench/metrics_bench.py check it on
 random and blob-like maps) while doing less work:
 
-- many τ share one integer threshold int(τ·max u) (always with cam_curve_interval=0.001): contours are
-  computed once per DISTINCT integer threshold;
+- many τ share one integer threshold int(τ·max u) (always with cam_curve_interval=0.001), and
+  thresholds with no pixel value between them give the same binary mask: contours are computed once per
+  DISTINCT mask (identified by the number of pixels above the threshold, the masks being nested);
 - findContours runs on the bounding box of the pixels above the threshold only (a crop keeps the
   contours, their order and their areas; the offset is added back);
 - a threshold is skipped when even the bounding box of ALL pixels above it overlaps every GT box too
@@ -28,6 +29,7 @@ random and blob-like maps) while doing less work:
 """
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, Sequence
 
@@ -98,9 +100,14 @@ def image_best_iou(scoremap: np.ndarray, gt_boxes: np.ndarray, thresholds: np.nd
     out = np.empty(len(t_int), np.float64)
     zero_box_iou = float(_iou_plus1(np.zeros((1, 4), np.int64), gt).max())
 
-    ts, inv = np.unique(t_int, return_inverse=True)
+    # Thresholds leaving the same NUMBER of pixels above them leave the same (nested) binary mask:
+    # one contour computation per distinct mask, which also merges τ sharing an integer threshold.
+    n_le = np.cumsum(np.bincount(u.reshape(-1), minlength=256))
+    n_above = u.size - n_le[np.minimum(t_int, 255)]
+    keys, first, inv = np.unique(-n_above, return_index=True, return_inverse=True)
+    ts = t_int[first]
     best = np.full(len(ts), -1.0)
-    live = ts < umax  # a threshold at or above the max leaves no pixel: no contour → [0,0,0,0]
+    live = keys < 0  # no pixel above the threshold: no contour → box [0, 0, 0, 0]
     best[~live] = zero_box_iou
     ts_live = ts[live]
     if len(ts_live):
@@ -190,7 +197,8 @@ class MaxBoxAcc(Metric):
     - ``pred_top5[i]``: up to 5 predicted class indices in rank order; ``labels[i]``: the GT class.
 
     State: per (δ, τ) counts of correct images (and of correct-and-top-1/top-5-right images).
-    ``workers`` > 1 evaluates the images of a batch on that many threads (same numbers).
+    ``workers`` threads evaluate the images of a batch (default: min(4, CPU count); 0 or 1 = serial);
+    the numbers do not depend on it. ``prune=False`` disables the exact skipping of hopeless τ.
     """
 
     higher_is_better: ClassVar[dict[str, bool]] = {
@@ -199,7 +207,7 @@ class MaxBoxAcc(Metric):
     }
 
     def __init__(self, iou_thresholds: Sequence[float] = (30, 50, 70), cam_curve_interval: float = 0.01,
-                 multi_contour: bool = False, *, workers: int = 0, prune: bool = True) -> None:
+                 multi_contour: bool = False, *, workers: int | None = None, prune: bool = True) -> None:
         super().__init__()
         deltas = [float(d) for d in iou_thresholds]
         if not deltas or any(not (0 <= d <= 100) for d in deltas) or len(set(deltas)) != len(deltas):
@@ -208,7 +216,7 @@ class MaxBoxAcc(Metric):
         self.cam_curve_interval = float(cam_curve_interval)
         self.thresholds = threshold_grid(self.cam_curve_interval)
         self.multi_contour = bool(multi_contour)
-        self.workers = int(workers)
+        self.workers = min(4, os.cpu_count() or 1) if workers is None else int(workers)
         self.prune = bool(prune)
         self._pool: ThreadPoolExecutor | None = None
         shape = (len(self.iou_thresholds), len(self.thresholds))
@@ -382,7 +390,7 @@ class MaxBoxAcc(Metric):
 def max_box_acc(maps: Any, gt_boxes: Any, image_sizes: Any = None, *,
                 iou_thresholds: Sequence[float] = (30, 50, 70), cam_curve_interval: float = 0.01,
                 multi_contour: bool = False, pred_top5: Any = None, labels: Any = None,
-                policy: ThresholdPolicy | None = None, workers: int = 0) -> dict[str, Any]:
+                policy: ThresholdPolicy | None = None, workers: int | None = None) -> dict[str, Any]:
     """One-shot MaxBoxAcc / MaxBoxAccV2 (see ``MaxBoxAcc``). ``image_sizes`` (original W, H per image)
     means ``gt_boxes`` are in original pixels and get rescaled to the maps' resolution."""
     metric = MaxBoxAcc(iou_thresholds, cam_curve_interval, multi_contour, workers=workers)

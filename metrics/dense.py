@@ -85,6 +85,8 @@ class DenseMIoU(Metric):
             vals = np.unique(g[bad])[:10].tolist()
             raise MetricInputError(f"{where}: label map holds {vals}, outside 0..{self.num_classes - 1} and "
                                    f"not {IGNORE_LABEL} (ignore)")
+        if not (g != IGNORE_LABEL).any():
+            raise MetricInputError(f"{where}: the label map has no labelled pixel (all {IGNORE_LABEL}; empty GT)")
         c = to_numpy(classes).reshape(-1)
         if c.size and c.dtype.kind not in "iu":
             if c.dtype.kind == "f" and np.array_equal(c, np.floor(c)):

@@ -39,15 +39,13 @@ def _binary_mask(m: Any, shape: tuple[int, ...], where: str, what: str) -> np.nd
 
 def histogram_bins(values: np.ndarray, edges: np.ndarray, interval: float) -> np.ndarray:
     """Bin index of each value, identical to ``np.histogram(values, bins=edges)`` for values in
-    [edges[0], 1] (a first guess from value/interval, then corrected against the actual edges)."""
-    v = values.astype(np.float64, copy=False)
-    n_last = len(edges) - 2  # the index of the last bin [2, 3]
-    k = np.minimum((v / interval).astype(np.int64), len(edges) - 4)  # at most the [1, 2) bin
-    np.maximum(k, 0, out=k)
-    for _ in range(2):
-        k -= v < edges[k]
-        k += v >= edges[k + 1]
-    np.clip(k, 0, n_last, out=k)
+    [edges[0], 1]: a first guess floor(value / interval) is off by at most one bin (the edges are
+    fl(i·interval)), and one comparison with the actual float64 edges on each side corrects it."""
+    v = values.reshape(-1)
+    k = (v * (1.0 / interval)).astype(np.int64)
+    np.clip(k, 0, len(edges) - 3, out=k)  # at most the [1, 2) bin
+    k -= v < edges[k]
+    k += v >= edges[k + 1]
     return k
 
 
@@ -56,13 +54,15 @@ class PxAP(Metric):
 
     ``update(maps, gt_masks, ignore_masks=None)``: per image an H×W float score map in [0, 1], a boolean
     foreground mask of the same shape and optionally a boolean ignore mask (pixels ignored unless
-    foreground). State: two integer histograms."""
+    foreground). An image without any foreground pixel is an error unless ``allow_empty_gt=True``
+    (the reference would silently count its pixels as negatives only). State: two integer histograms."""
 
     higher_is_better: ClassVar[dict[str, bool]] = {"pxap": True, "piou": True}
     primary: ClassVar[str] = "pxap"
 
-    def __init__(self, cam_curve_interval: float = 0.01) -> None:
+    def __init__(self, cam_curve_interval: float = 0.01, *, allow_empty_gt: bool = False) -> None:
         super().__init__()
+        self.allow_empty_gt = bool(allow_empty_gt)
         self.cam_curve_interval = float(cam_curve_interval)
         self.thresholds = threshold_grid(self.cam_curve_interval)
         self.edges = np.append(self.thresholds, [1.0, 2.0, 3.0])
@@ -90,6 +90,9 @@ class PxAP(Metric):
             where = self._where(i)
             m = check_score_map(m, where)
             fg = _binary_mask(g, m.shape, where, "gt mask")
+            if not self.allow_empty_gt and not fg.any():
+                raise MetricInputError(f"{where}: the GT mask has no foreground pixel (empty GT); pass "
+                                       f"PxAP(allow_empty_gt=True) to count such images as negatives only")
             ign = None
             if ign_l is not None and ign_l[i] is not None:
                 ign = _binary_mask(ign_l[i], m.shape, where, "ignore mask") & ~fg
@@ -164,8 +167,8 @@ class PxAP(Metric):
 
 
 def pxap(maps: Any, gt_masks: Any, ignore_masks: Any = None, *, cam_curve_interval: float = 0.01,
-         policy: ThresholdPolicy | None = None) -> dict[str, Any]:
+         policy: ThresholdPolicy | None = None, allow_empty_gt: bool = False) -> dict[str, Any]:
     """One-shot PxAP / pIoU (see ``PxAP``)."""
-    metric = PxAP(cam_curve_interval)
+    metric = PxAP(cam_curve_interval, allow_empty_gt=allow_empty_gt)
     metric.update(maps, gt_masks, ignore_masks)
     return metric.compute(policy)

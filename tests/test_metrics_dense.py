@@ -126,5 +126,6 @@ def test_validation():
         metric.update([m], [[20]], [gt])
     with pytest.raises(MetricInputError, match="NaN"):
         metric.update([np.full((1, 4, 4), np.nan, np.float32)], [[0]], [gt])
-    metric.update([m], [[0]], [np.full((4, 4), 255, np.uint8)])  # all ignored is fine
-    assert metric.count == 1
+    with pytest.raises(MetricInputError, match="empty GT"):
+        metric.update([m], [[0]], [np.full((4, 4), 255, np.uint8)])
+    assert metric.count == 0

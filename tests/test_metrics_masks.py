@@ -121,6 +121,9 @@ def test_validation():
         metric.update([m, m], [np.zeros((8, 8), bool)])
     with pytest.raises(MetricInputError, match="no images"):
         metric.compute()
-    metric.update([m], [np.zeros((8, 8), bool)])
+    with pytest.raises(MetricInputError, match="image 0.*empty GT"):
+        metric.update([m], [np.zeros((8, 8), bool)])
+    lenient = PxAP(allow_empty_gt=True)
+    lenient.update([m], [np.zeros((8, 8), bool)])
     with pytest.raises(MetricInputError, match="no foreground"):
-        metric.compute()
+        lenient.compute()

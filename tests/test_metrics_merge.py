@@ -86,7 +86,8 @@ def test_pxap_merge(seed, n, cuts):
     rng = np.random.default_rng(seed)
     maps = _maps(rng, n)
     fgs = [rng.random((16, 16)) < 0.4 for _ in range(n)]
-    fgs[0][0, 0] = True
+    for f in fgs:
+        f[0, 0] = True
     igns = [rng.random((16, 16)) < 0.1 for _ in range(n)]
 
     def feed(metric, a, b):
