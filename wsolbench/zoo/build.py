@@ -1,0 +1,726 @@
+"""Training the zoo on the synthetic world: one function per model, a quality check for each.
+
+Deterministic by seed (for a given torch build and thread count; the build sets 2 threads unless
+``WSOLBENCH_ZOO_THREADS`` says otherwise). Each model is trained into a temporary folder next to its final
+place and moved there in one rename; ``manifest.json`` is rewritten atomically after every model, so an
+interrupted build keeps what it finished.
+
+Quality figures (printed and stored in the manifest), each with its chance level:
+* clip: zero-shot accuracy on held-out single-object scenes with prompts "a photo of a {class}" (chance 0.1);
+* vae: reconstruction PSNR on held-out scenes; unet: denoising MSE averaged over timesteps 50..950 with the
+  right caption, vs. 1.0 for predicting zero noise, and with a wrong class's caption (must be higher);
+* captioner: exact-match accuracy of greedy captions of held-out object crops ("a red striped star";
+  chance 1/400) and accuracy of the class word in them (chance 0.1);
+* vit / vgg / classifier: top-1 accuracy on held-out single-object scenes (chance 0.1).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .specs import IMAGENET_MEAN, IMAGENET_STD, OPENAI_MEAN, OPENAI_STD, spec
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+# Training budgets per scale. Pool: rendered training scenes; test: held-out scenes.
+TRAIN: dict[str, dict] = {
+    "micro": {
+        "pool": 96, "test": 32,
+        "clip": dict(steps=4, batch=16, lr=1e-3),
+        "vae": dict(steps=3, batch=8, lr=1e-3),
+        "unet": dict(steps=3, batch=8, lr=1e-3),
+        "captioner": dict(steps=4, batch=16, lr=1e-3),
+        "vit": dict(steps=3, batch=16, lr=1e-3),
+        "vgg": dict(steps=3, batch=16, lr=1e-3),
+        "classifier": dict(steps=3, batch=16, lr=1e-3),
+    },
+    "tiny": {
+        "pool": 8000, "test": 500,
+        "clip": dict(steps=450, batch=64, lr=1e-3),
+        "vae": dict(steps=200, batch=16, lr=1e-3),
+        "unet": dict(steps=450, batch=32, lr=1e-3),
+        "captioner": dict(steps=300, batch=64, lr=1e-3),
+        "vit": dict(steps=300, batch=64, lr=1e-3),
+        "vgg": dict(steps=200, batch=64, lr=5e-4),
+        "classifier": dict(steps=300, batch=64, lr=2e-3),
+    },
+}
+
+# One thread by default: results are deterministic for a fixed thread count, and on a CPU shared with other
+# jobs a second thread costs far more in synchronisation than it gains (measured: 5-8x slower per step under
+# load). On an idle machine WSOLBENCH_ZOO_THREADS=2 builds ~1.6x faster (numbers then differ slightly).
+DEFAULT_THREADS = {"micro": 1, "tiny": 1}
+
+# Quality must clearly beat chance: (figure, threshold) checked for the tiny zoo.
+QUALITY_BARS = {
+    "clip": ("zero_shot_accuracy", 0.3),
+    "captioner": ("class_word_accuracy", 0.3),
+    "vit": ("accuracy", 0.3),
+    "vgg": ("accuracy", 0.3),
+    "classifier": ("accuracy", 0.3),
+}
+
+
+# ------------------------------------------------------------------------------------------ bookkeeping
+def read_manifest(root: Path) -> dict:
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _required_files(model: str) -> tuple[str, ...]:
+    if model == "clip":
+        return ("open_clip_config.json", "open_clip_model.safetensors")
+    if model == "diffusion":
+        return ("model_index.json", "vae/config.json", "unet/config.json", "text_encoder/config.json",
+                "tokenizer/tokenizer_config.json", "scheduler/scheduler_config.json")
+    if model == "captioner":
+        return ("config.json", "model.safetensors")
+    return ("config.json", "model.safetensors")
+
+
+def recipe(scale: str, model: str) -> str:
+    """A short hash of everything that defines a zoo model (format, sizes, training budget): a manifest
+    entry with another recipe is stale and gets rebuilt by ``ensure_zoo``."""
+    import hashlib
+
+    parts = {"clip": ["clip"], "diffusion": ["clip", "vae", "unet"], "captioner": ["captioner"]}.get(model, [model])
+    budget = TRAIN[scale]
+    blob = {"format": FORMAT_VERSION, "pool": budget["pool"], "test": budget["test"],
+            "spec": {p: spec(scale, p) for p in parts},
+            "train": {p: budget[p] for p in parts}}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def is_built(model: str, root: Path, manifest: dict | None = None, scale: str | None = None) -> bool:
+    """The model's folder is complete and its manifest entry matches the current recipe."""
+    from . import model_dir
+
+    manifest = read_manifest(root) if manifest is None else manifest
+    entry = manifest.get("models", {}).get(model)
+    if entry is None:
+        return False
+    scale = scale or manifest.get("scale")
+    if scale in TRAIN and entry.get("recipe") != recipe(scale, model):
+        return False
+    d = model_dir(model, root=root)
+    return all((d / f).exists() for f in _required_files(model))
+
+
+@contextlib.contextmanager
+def zoo_lock(root: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``root/.lock`` so that concurrent processes build the zoo once."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking
+        yield
+        return
+    with open(root / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("torch", "timm", "open_clip_torch", "diffusers", "transformers", "safetensors"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _write_manifest(root: Path, scale: str, seed: int, updates: dict) -> dict:
+    from wsolbench.io import write_json
+
+    manifest = read_manifest(root)
+    manifest.update({"format": FORMAT_VERSION, "scale": scale, "versions": _versions()})
+    manifest.setdefault("models", {}).update(updates)
+    write_json(Path(root) / MANIFEST, manifest)
+    return manifest
+
+
+def _install(tmp: Path, final: Path) -> None:
+    """Move a freshly written model folder into place (replacing an older one)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+class _Progress:
+    """tqdm bar per model on stderr (or silent)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    @contextlib.contextmanager
+    def bar(self, desc: str, total: int):
+        if not self.enabled:
+            class _Null:
+                def update(self, n=1): pass
+                def set_postfix_str(self, s): pass
+            yield _Null()
+            return
+        from tqdm.auto import tqdm
+
+        with tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=True,
+                  mininterval=1.0) as bar:
+            yield bar
+
+    def log(self, msg: str) -> None:
+        if self.enabled:
+            print(f"[wsolbench zoo] {msg}", flush=True)
+
+
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """Silence library progress bars and info warnings while the zoo trains/saves."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("", "transformers", "diffusers", "timm", "open_clip")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    bars_were_on = None
+    try:
+        from transformers.utils import logging as tlog
+
+        bars_were_on = tlog.is_progress_bar_enabled()
+        tlog.disable_progress_bar()
+    except Exception:  # pragma: no cover
+        pass
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, levels):
+            lg.setLevel(lvl)
+        if bars_were_on:
+            from transformers.utils import logging as tlog
+
+            tlog.enable_progress_bar()
+
+
+def _lr_at(step: int, steps: int, lr: float, warmup: float = 0.05) -> float:
+    w = max(1, int(steps * warmup))
+    if step < w:
+        return lr * (step + 1) / w
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, steps - w)))
+
+
+def _set_lr(opt, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def _adamw(model, lr: float, wd: float = 0.05):
+    import torch
+
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or "embedding" in n or "logit_scale" in n or "pos" in n else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def _rng(seed: int, tag: str) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, *tag.encode()]))
+
+
+def _seed_torch(seed: int, tag: str) -> None:
+    import torch
+
+    torch.manual_seed(int(np.random.SeedSequence([seed, *tag.encode()]).generate_state(1)[0]))
+
+
+# --------------------------------------------------------------------------------------------- models
+def train_clip(scale: str, pool, test, seed: int, prog: _Progress):
+    import torch
+    import torch.nn.functional as F
+
+    from .clip import create_clip
+    from .data import PROMPT, clip_text_for, to_tensor, world
+
+    cfg = TRAIN[scale]["clip"]
+    _seed_torch(seed, "clip")
+    model, tok = create_clip(scale, seed=None)
+    model.train()
+    rng = _rng(seed, "clip")
+    opt = _adamw(model, cfg["lr"], wd=0.1)
+    with prog.bar(f"clip ({scale})", cfg["steps"]) as bar:
+        for step in range(cfg["steps"]):
+            _set_lr(opt, _lr_at(step, cfg["steps"], cfg["lr"]))
+            idx = rng.choice(len(pool), size=min(cfg["batch"], len(pool)), replace=False)
+            x = to_tensor(pool.images[idx], OPENAI_MEAN, OPENAI_STD, flip_rng=rng)
+            texts = [clip_text_for(pool, int(i), rng) for i in idx]
+            t = tok(texts)
+            img = F.normalize(model.encode_image(x), dim=-1)
+            txt = F.normalize(model.encode_text(t), dim=-1)
+            logits = model.logit_scale.exp() * img @ txt.t()
+            same = (t[:, None, :] == t[None, :, :]).all(-1).float()  # identical texts are all positives
+            target = same / same.sum(1, keepdim=True)
+            loss = 0.5 * (torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
+                          + torch.sum(-target * F.log_softmax(logits.t(), 1), 1).mean())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            bar.update(1)
+            if step % 20 == 0:
+                bar.set_postfix_str(f"loss {loss.item():.3f}")
+    model.eval()
+    names = world().CLASS_NAMES
+    with torch.no_grad():
+        tfeat = F.normalize(model.encode_text(tok([PROMPT.format(n) for n in names])), dim=-1)
+        keep = test.single
+        preds = []
+        for a in range(0, int(keep.sum()), 128):
+            x = to_tensor(test.images[keep][a:a + 128], OPENAI_MEAN, OPENAI_STD)
+            preds.append((F.normalize(model.encode_image(x), dim=-1) @ tfeat.t()).argmax(1).numpy())
+        acc = float((np.concatenate(preds) == test.labels[keep]).mean())
+    return model, {"zero_shot_accuracy": round(acc, 4), "chance": round(1 / len(names), 4),
+                   "prompt": PROMPT, "final_loss": round(float(loss.item()), 4)}
+
+
+def train_vae(scale: str, pool, test, seed: int, prog: _Progress):
+    import torch
+    import torch.nn.functional as F
+
+    from .diffusion import create_vae
+
+    cfg = TRAIN[scale]["vae"]
+    _seed_torch(seed, "vae")
+    vae = create_vae(scale)
+    vae.train()
+    rng = _rng(seed, "vae")
+    opt = _adamw(vae, cfg["lr"], wd=0.0)
+    with prog.bar(f"vae ({scale})", cfg["steps"]) as bar:
+        for step in range(cfg["steps"]):
+            _set_lr(opt, _lr_at(step, cfg["steps"], cfg["lr"]))
+            idx = rng.choice(len(pool), size=min(cfg["batch"], len(pool)), replace=False)
+            x = to_pm1(pool.images[idx], rng)
+            post = vae.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn_like(post.mean)
+            rec = vae.decode(z).sample
+            kl = post.kl().mean() / x[0].numel()
+            loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.update(1)
+            if step % 20 == 0:
+                bar.set_postfix_str(f"loss {loss.item():.3f}")
+    vae.eval()
+    with torch.no_grad():
+        lat = torch.cat([vae.encode(to_pm1(pool.images[a:a + 64])).latent_dist.sample()
+                         for a in range(0, min(len(pool), 512), 64)])
+        scaling = float(1.0 / lat.std())
+        x = to_pm1(test.images[:128])
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+        mse = F.mse_loss((rec + 1) / 2, (x + 1) / 2).item()
+    vae.register_to_config(scaling_factor=scaling)
+    return vae, {"psnr_db": round(10 * math.log10(1.0 / max(mse, 1e-10)), 2), "scaling_factor": round(scaling, 5)}
+
+
+def to_pm1(images: np.ndarray, flip_rng: np.random.Generator | None = None):
+    """uint8 N×H×W×3 → float N×3×H×W in [-1, 1] (Stable Diffusion's VAE input)."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    if flip_rng is not None:
+        flip = torch.from_numpy(flip_rng.random(len(images)) < 0.5)
+        x[flip] = x[flip].flip(-1)
+    return x
+
+
+def _encode_text(text_encoder, tokenizer, texts: list[str]):
+    import torch
+
+    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        return text_encoder(ids).last_hidden_state
+
+
+def _unet_text(pool, i: int, rng: np.random.Generator) -> str:
+    from .data import PROMPT
+
+    r = rng.random()
+    if r < 0.1 or not pool.names[i]:
+        return ""  # unconditional (classifier-free guidance dropout)
+    if r < 0.5:
+        return PROMPT.format(pool.names[i][0]) if len(pool.names[i]) == 1 else pool.captions[i]
+    if r < 0.85:
+        return pool.captions[i]
+    return pool.phrases[i][0] if len(pool.phrases[i]) == 1 else pool.captions[i]
+
+
+def train_unet(scale: str, pool, test, seed: int, prog: _Progress, vae, text_encoder, tokenizer, scheduler):
+    import torch
+    import torch.nn.functional as F
+
+    from .data import PROMPT, world
+    from .diffusion import create_unet
+
+    cfg = TRAIN[scale]["unet"]
+    _seed_torch(seed, "unet")
+    unet = create_unet(scale)
+    sf = vae.config.scaling_factor
+    with torch.no_grad():  # latent distribution of every training image, once
+        means, stds = [], []
+        for a in range(0, len(pool), 128):
+            post = vae.encode(to_pm1(pool.images[a:a + 128])).latent_dist
+            means.append(post.mean)
+            stds.append(post.std)
+        means, stds = torch.cat(means), torch.cat(stds)
+    unet.train()
+    rng = _rng(seed, "unet")
+    opt = _adamw(unet, cfg["lr"], wd=0.01)
+    T = scheduler.config.num_train_timesteps
+    with prog.bar(f"unet ({scale})", cfg["steps"]) as bar:
+        for step in range(cfg["steps"]):
+            _set_lr(opt, _lr_at(step, cfg["steps"], cfg["lr"]))
+            idx = rng.choice(len(pool), size=min(cfg["batch"], len(pool)), replace=False)
+            ti = torch.from_numpy(idx)
+            z0 = (means[ti] + stds[ti] * torch.randn_like(means[ti])) * sf
+            cond = _encode_text(text_encoder, tokenizer, [_unet_text(pool, int(i), rng) for i in idx])
+            noise = torch.randn_like(z0)
+            t = torch.randint(0, T, (len(idx),))
+            zt = scheduler.add_noise(z0, noise, t)
+            loss = F.mse_loss(unet(zt, t, encoder_hidden_states=cond).sample, noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            opt.step()
+            bar.update(1)
+            if step % 20 == 0:
+                bar.set_postfix_str(f"loss {loss.item():.3f}")
+    unet.eval()
+    # held-out denoising loss, right vs. wrong class prompt, same noise
+    names = world().CLASS_NAMES
+    keep = np.flatnonzero(test.single)[:96]
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        z0 = vae.encode(to_pm1(test.images[keep])).latent_dist.mean * sf
+        right = _encode_text(text_encoder, tokenizer, [PROMPT.format(names[test.labels[k]]) for k in keep])
+        wrong = _encode_text(text_encoder, tokenizer,
+                             [PROMPT.format(names[(test.labels[k] + 1 + j % (len(names) - 1)) % len(names)])
+                              for j, k in enumerate(keep)])
+        losses = {"right": [], "wrong": []}
+        for tv in range(50, T, 100):
+            noise = torch.randn(z0.shape, generator=g)
+            t = torch.full((len(keep),), tv, dtype=torch.long)
+            zt = scheduler.add_noise(z0, noise, t)
+            for key, cond in (("right", right), ("wrong", wrong)):
+                losses[key].append(F.mse_loss(unet(zt, t, encoder_hidden_states=cond).sample, noise).item())
+    right_l, wrong_l = float(np.mean(losses["right"])), float(np.mean(losses["wrong"]))
+    point, chance = _cross_attention_pointing(unet, vae, text_encoder, tokenizer, scheduler, test, seed)
+    return unet, {"denoise_mse": round(right_l, 4), "denoise_mse_wrong_class": round(wrong_l, 4),
+                  "zero_predictor_mse": 1.0, "attention_pointing": round(point, 4),
+                  "attention_pointing_chance": round(chance, 4)}
+
+
+class _CrossAttentionRecorder:
+    """A diffusers attention processor that keeps the cross-attention probabilities (B·heads × N × T)."""
+
+    def __init__(self, store: list):
+        from diffusers.models.attention_processor import AttnProcessor
+
+        self.store, self.inner = store, AttnProcessor()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        if encoder_hidden_states is not None:
+            q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+            k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+            self.store.append(attn.get_attention_scores(q, k, None).detach())
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+def _cross_attention_pointing(unet, vae, text_encoder, tokenizer, scheduler, test, seed: int,
+                              n: int = 64) -> tuple[float, float]:
+    """GenPromp-style check: cross-attention of the class word of "a photo of a {class}" at t = 0 and 99,
+    max-normalised per map, averaged over layers/heads/timesteps; the fraction of held-out single-object
+    images whose map peak falls in the object's box (and the chance level: the mean box area fraction)."""
+    import torch
+    import torch.nn.functional as F
+
+    from .data import PROMPT, world
+
+    names = world().CLASS_NAMES
+    keep = np.flatnonzero(test.single & (test.labels >= 0))[:n]
+    if len(keep) == 0:
+        return 0.0, 0.0
+    prompts = [PROMPT.format(names[test.labels[k]]) for k in keep]
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+    # position of the class word: the last token before <|endoftext|>
+    pos = (ids.attention_mask.sum(1) - 2).clamp(min=1)
+    store: list = []
+    old = unet.attn_processors
+    unet.set_attn_processor(_CrossAttentionRecorder(store))
+    g = torch.Generator().manual_seed(seed)
+    size = test.images.shape[1]
+    try:
+        with torch.no_grad():
+            cond = text_encoder(ids.input_ids).last_hidden_state
+            z0 = vae.encode(to_pm1(test.images[keep])).latent_dist.mean * vae.config.scaling_factor
+            noise = torch.randn(z0.shape, generator=g)
+            total = torch.zeros(len(keep), size, size)
+            for tv in (0, 99):
+                store.clear()
+                t = torch.full((len(keep),), tv, dtype=torch.long)
+                unet(scheduler.add_noise(z0, noise, t), t, encoder_hidden_states=cond)
+                for probs in store:
+                    b = len(keep)
+                    heads = probs.shape[0] // b
+                    side = int(round(probs.shape[1] ** 0.5))
+                    p = probs.view(b, heads, probs.shape[1], -1)[torch.arange(b), :, :, pos].mean(1)
+                    p = p / p.amax(1, keepdim=True).clamp_min(1e-12)
+                    total += F.interpolate(p.view(b, 1, side, side), size=(size, size), mode="bilinear",
+                                           align_corners=False)[:, 0]
+    finally:
+        unet.set_attn_processor(old)
+    flat = total.view(len(keep), -1).argmax(1)
+    ys, xs = (flat // size).numpy(), (flat % size).numpy()
+    bx = test.boxes[keep]
+    hit = (xs >= bx[:, 0]) & (xs <= bx[:, 2]) & (ys >= bx[:, 1]) & (ys <= bx[:, 3])
+    area = ((bx[:, 2] - bx[:, 0] + 1) * (bx[:, 3] - bx[:, 1] + 1)) / float(size * size)
+    return float(hit.mean()), float(area.mean())
+
+
+def train_captioner(scale: str, pool, test, seed: int, prog: _Progress, tokenizer_dir: Path):
+    import torch
+
+    from .captioner import caption, create_captioner
+    from .data import to_tensor, world
+
+    cfg = TRAIN[scale]["captioner"]
+    _seed_torch(seed, "captioner")
+    model, processor = create_captioner(scale, seed=None, tokenizer_dir=tokenizer_dir)
+    tok = processor.tokenizer
+    bos = model.config.text_config.bos_token_id
+    max_len = spec(scale, "captioner")["max_length"]
+    model.train()
+    rng = _rng(seed, "captioner")
+    opt = _adamw(model, cfg["lr"], wd=0.05)
+    mean, std = processor.image_processor.image_mean, processor.image_processor.image_std
+    n = len(pool.crops)
+    with prog.bar(f"captioner ({scale})", cfg["steps"]) as bar:
+        for step in range(cfg["steps"]):
+            _set_lr(opt, _lr_at(step, cfg["steps"], cfg["lr"]))
+            idx = rng.choice(n, size=min(cfg["batch"], n), replace=False)
+            x = to_tensor(pool.crops[idx], mean, std)
+            enc = tok([pool.crop_phrases[i] for i in idx], padding="max_length", max_length=max_len,
+                      truncation=True, return_tensors="pt")
+            ids = enc.input_ids.clone()
+            ids[:, 0] = bos
+            labels = ids.masked_fill(enc.attention_mask == 0, -100)
+            loss = model(pixel_values=x, input_ids=ids, attention_mask=enc.attention_mask, labels=labels).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.update(1)
+            if step % 20 == 0:
+                bar.set_postfix_str(f"loss {loss.item():.3f}")
+    model.eval()
+    k = min(len(test.crops), 200)
+    preds = []
+    for a in range(0, k, 100):
+        preds += caption(model, processor, list(test.crops[a:min(k, a + 100)]), max_new_tokens=8)
+    truth = test.crop_phrases[:k]
+    names = world().CLASS_NAMES
+    exact = float(np.mean([p == t for p, t in zip(preds, truth)]))
+    cls_ok = float(np.mean([names[c] in p.split() for p, c in zip(preds, test.crop_labels[:k])]))
+    return (model, processor), {"exact_match": round(exact, 4), "class_word_accuracy": round(cls_ok, 4),
+                                "chance_exact": round(1 / 400, 4), "chance_class": 0.1,
+                                "examples": [[t, p] for t, p in list(zip(truth, preds))[:4]]}
+
+
+def train_backbone(kind: str, scale: str, pool, test, seed: int, prog: _Progress):
+    import torch
+    import torch.nn.functional as F
+
+    from .backbones import create_backbone
+    from .data import to_tensor, world
+
+    cfg = TRAIN[scale][kind]
+    _seed_torch(seed, kind)
+    n_cls = len(world().CLASS_NAMES)
+    model = create_backbone(kind, scale, num_classes=n_cls, seed=None)
+    model.train()
+    rng = _rng(seed, kind)
+    opt = _adamw(model, cfg["lr"], wd=0.05)
+    keep = np.flatnonzero(pool.single)
+    with prog.bar(f"{kind} ({scale})", cfg["steps"]) as bar:
+        for step in range(cfg["steps"]):
+            _set_lr(opt, _lr_at(step, cfg["steps"], cfg["lr"]))
+            idx = rng.choice(keep, size=min(cfg["batch"], len(keep)), replace=False)
+            x = to_tensor(pool.images[idx], IMAGENET_MEAN, IMAGENET_STD, flip_rng=rng)
+            y = torch.from_numpy(pool.labels[idx])
+            loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+            opt.step()
+            bar.update(1)
+            if step % 20 == 0:
+                bar.set_postfix_str(f"loss {loss.item():.3f}")
+    model.eval()
+    tk = test.single
+    with torch.no_grad():
+        preds = np.concatenate([model(to_tensor(test.images[tk][a:a + 128], IMAGENET_MEAN, IMAGENET_STD))
+                                .argmax(1).numpy() for a in range(0, int(tk.sum()), 128)])
+    return model, {"accuracy": round(float((preds == test.labels[tk]).mean()), 4), "chance": round(1 / n_cls, 4)}
+
+
+# ---------------------------------------------------------------------------------------------- build
+def build(scale: str, root: Path, seed: int, models: list[str], progress: bool = True, force: bool = True,
+          lock: bool = True) -> dict:
+    ctx = zoo_lock(root) if lock else contextlib.nullcontext()
+    with ctx:
+        return _build(scale, Path(root), seed, models, progress, force)
+
+
+def _build(scale: str, root: Path, seed: int, models: list[str], progress: bool, force: bool) -> dict:
+    import torch
+
+    from . import model_dir
+    from .data import make_pool
+
+    prog = _Progress(progress)
+    threads = int(os.environ.get("WSOLBENCH_ZOO_THREADS", "0")) or DEFAULT_THREADS[scale]
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    manifest = read_manifest(root)
+    if "diffusion" in models and "clip" not in models and not is_built("clip", root, manifest, scale):
+        models = ["clip"] + list(models)
+    if not force:
+        models = [m for m in models if not (is_built(m, root, manifest, scale)
+                                            and manifest["models"][m].get("seed") == seed)]
+    results: dict[str, dict] = {}
+    if not models:
+        torch.set_num_threads(old_threads)
+        return {m: manifest["models"][m].get("quality") for m in manifest.get("models", {})}
+    t_all, c_all = time.perf_counter(), time.process_time()
+    try:
+        with _quiet_libraries():
+            size = spec(scale, "clip")["vision_cfg"]["image_size"]
+            budget = TRAIN[scale]
+            t0 = time.perf_counter()
+            with prog.bar(f"render {budget['pool']}+{budget['test']} scenes ({size}px)",
+                          budget["pool"] + budget["test"]) as bar:
+                pool = make_pool(budget["pool"], size, seed, progress=bar.update)
+                test = make_pool(budget["test"], size, seed, test=True, progress=bar.update)
+            prog.log(f"rendered the synthetic world in {time.perf_counter() - t0:.1f}s")
+            root.mkdir(parents=True, exist_ok=True)
+            clip_model = None
+            for name in models:
+                t0, c0 = time.perf_counter(), time.process_time()
+                final = model_dir(name, scale, root)
+                tmp = final.with_name(final.name + f".tmp{os.getpid()}")
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                quality = _build_one(name, scale, pool, test, seed, prog, tmp, root, clip_model)
+                if name == "clip":
+                    clip_model = quality.pop("_model")
+                _install(tmp, final)
+                secs = round(time.perf_counter() - t0, 1)
+                entry = {"path": str(final.relative_to(root)), "seed": seed, "seconds": secs,
+                         "cpu_seconds": round(time.process_time() - c0, 1), "threads": threads,
+                         "recipe": recipe(scale, name),
+                         "quality": quality, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                _write_manifest(root, scale, seed, {name: entry})
+                results[name] = quality
+                prog.log(f"{name}: {_fmt_quality(quality)} ({secs}s)")
+                _check_bar(name, scale, quality, prog)
+    finally:
+        torch.set_num_threads(old_threads)
+    total, cpu = round(time.perf_counter() - t_all, 1), round(time.process_time() - c_all, 1)
+    _write_manifest(root, scale, seed, {})
+    prog.log(f"built {', '.join(results)} in {total}s wall ({cpu}s CPU, {threads} threads) -> {root}")
+    results["_seconds"] = total
+    results["_cpu_seconds"] = cpu
+    return results
+
+
+def _fmt_quality(q: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in q.items() if isinstance(v, (int, float)))
+
+
+def _check_bar(name: str, scale: str, quality: dict, prog: _Progress) -> None:
+    if scale != "tiny":
+        return
+    bars = dict(QUALITY_BARS)
+    if name in bars:
+        key, thr = bars[name]
+        if quality.get(key, 0) < thr:
+            prog.log(f"WARNING: {name} {key}={quality.get(key)} is below the expected {thr}")
+    if name == "diffusion":
+        u = quality["unet"]
+        if not (u["denoise_mse"] < 0.5 and u["denoise_mse"] < u["denoise_mse_wrong_class"]):
+            prog.log(f"WARNING: diffusion quality is weak: {u}")
+
+
+def _build_one(name: str, scale: str, pool, test, seed: int, prog: _Progress, tmp: Path, root: Path,
+               clip_model) -> dict:
+    from .backbones import save_backbone
+    from .captioner import save_captioner
+    from .clip import hf_text_encoder_from_open_clip, load_clip_dir, save_clip
+
+    if name == "clip":
+        model, q = train_clip(scale, pool, test, seed, prog)
+        save_clip(model, tmp, scale, extra={"quality": q, "seed": seed})
+        q["_model"] = model
+        return q
+    if name == "diffusion":
+        from . import model_dir
+        from .diffusion import create_scheduler, create_tokenizer, save_diffusion
+
+        if clip_model is None:
+            clip_model, _ = load_clip_dir(model_dir("clip", scale, root))
+        text_encoder = hf_text_encoder_from_open_clip(clip_model, scale)
+        text_encoder.requires_grad_(False)
+        tokenizer, scheduler = create_tokenizer(scale), create_scheduler()
+        vae, qv = train_vae(scale, pool, test, seed, prog)
+        vae.requires_grad_(False)
+        unet, qu = train_unet(scale, pool, test, seed, prog, vae, text_encoder, tokenizer, scheduler)
+        save_diffusion({"vae": vae, "unet": unet, "text_encoder": text_encoder, "tokenizer": tokenizer,
+                        "scheduler": scheduler}, tmp)
+        return {"vae": qv, "unet": qu}
+    if name == "captioner":
+        (model, processor), q = train_captioner(scale, pool, test, seed, prog, tmp / "_vocab")
+        save_captioner(model, processor, tmp)
+        shutil.rmtree(tmp / "_vocab", ignore_errors=True)
+        return q
+    model, q = train_backbone(name, scale, pool, test, seed, prog)
+    save_backbone(model, tmp)
+    return q

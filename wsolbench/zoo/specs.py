@@ -1,0 +1,71 @@
+"""Sizes of every zoo model at each scale (``micro`` for tests, ``tiny`` for the CPU zoo).
+
+All numbers that other modules need (image sizes, widths, strides) are read from here, so the methods can
+ask instead of hard-coding: e.g. ``SPECS["tiny"]["clip"]["vision_cfg"]["image_size"]``.
+"""
+from __future__ import annotations
+
+from copy import deepcopy
+from typing import Any
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+SCALES = ("micro", "tiny")
+
+SPECS: dict[str, dict[str, Any]] = {
+    "micro": {
+        "clip": {  # open_clip model_cfg
+            "embed_dim": 32,
+            "quick_gelu": True,
+            "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+        },
+        "vae": {"sample_size": 32, "block_out_channels": (8, 16, 16), "layers_per_block": 1,
+                "latent_channels": 4, "norm_num_groups": 4},
+        "unet": {"sample_size": 8, "block_out_channels": (16, 32), "layers_per_block": 1,
+                 "attention_head_dim": 2, "norm_num_groups": 8},
+        "captioner": {"image_size": 32, "patch_size": 8, "vision_width": 32, "vision_layers": 1,
+                      "vision_heads": 2, "text_width": 32, "text_layers": 1, "text_heads": 2,
+                      "max_length": 16},
+        "vit": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2,
+                "mlp_ratio": 2.0},
+        "vgg": {"img_size": 32, "cfg": (4, 4, "M", 8, 8, "M", 8, 8, 8, "M", 16, 16, 16, "M", 16, 16, 16, "M"),
+                "mlp_ratio": 1 / 256},
+        "classifier": {"img_size": 32, "channel_multiplier": 0.1, "depth_multiplier": 0.1},
+    },
+    "tiny": {
+        "clip": {
+            "embed_dim": 128,
+            "quick_gelu": True,
+            "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "head_width": 32, "patch_size": 8},
+            "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
+        },
+        "vae": {"sample_size": 64, "block_out_channels": (16, 32, 64), "layers_per_block": 1,
+                "latent_channels": 4, "norm_num_groups": 8},
+        "unet": {"sample_size": 16, "block_out_channels": (32, 64), "layers_per_block": 1,
+                 "attention_head_dim": 4, "norm_num_groups": 16},
+        "captioner": {"image_size": 64, "patch_size": 8, "vision_width": 96, "vision_layers": 3,
+                      "vision_heads": 4, "text_width": 96, "text_layers": 2, "text_heads": 4,
+                      "max_length": 16},
+        "vit": {"img_size": 64, "patch_size": 8, "embed_dim": 128, "depth": 4, "num_heads": 4,
+                "mlp_ratio": 3.0},
+        "vgg": {"img_size": 64,
+                "cfg": (16, 16, "M", 32, 32, "M", 64, 64, 64, "M", 128, 128, 128, "M", 128, 128, 128, "M"),
+                "mlp_ratio": 1 / 64},
+        "classifier": {"img_size": 64, "channel_multiplier": 0.35, "depth_multiplier": 0.35},
+    },
+}
+
+
+def check_scale(scale: str) -> str:
+    if scale not in SPECS:
+        raise ValueError(f"unknown zoo scale {scale!r}; choose one of {', '.join(SCALES)}")
+    return scale
+
+
+def spec(scale: str, model: str) -> dict[str, Any]:
+    """A copy of the size spec of ``model`` ("clip", "vae", "unet", ...) at ``scale``."""
+    return deepcopy(SPECS[check_scale(scale)][model])
