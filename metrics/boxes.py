@@ -19,12 +19,12 @@ random and blob-like maps) while doing less work:
   thresholds with no pixel value between them give the same binary mask: contours are computed once per
   DISTINCT mask (identified by the number of pixels above the threshold, the masks being nested);
 - findContours runs on the bounding box of the pixels above the threshold only (a crop keeps the
-  contours, their order and their areas; the offset is added back);
+  contours, their order and their areas; the offset is added back), and for v1 in RETR_EXTERNAL mode
+  (the largest contour is always an outer one, in the same order; see ``_contour_best_iou``);
 - a threshold is skipped when even the bounding box of ALL pixels above it overlaps every GT box too
   little for the smallest δ: every contour box lies inside it, so IoU ≤ |E ∩ G| / |G| < δ/100;
-- boxes, contour areas (twice the shoelace sum in int64, which is what cv2.contourArea computes in
-  double precision exactly), the largest-contour choice and the IoUs are computed with a few vectorised
-  numpy calls per image instead of a Python loop per contour;
+- the largest-contour choice (first maximum of cv2.contourArea per threshold) and the IoUs of all
+  thresholds are computed with a few vectorised numpy calls per image;
 - ``workers`` > 1 spreads the images of a batch over threads (OpenCV releases the GIL).
 """
 from __future__ import annotations
@@ -144,39 +144,41 @@ def _contour_best_iou(u: np.ndarray, gt: np.ndarray, ts: np.ndarray, y0: np.ndar
     offsets = np.empty((len(ts), 2), np.int64)
     find = cv2.findContours
     thresh = cv2.threshold
+    # V2 needs every contour (RETR_TREE, holes included). v1 needs only the first largest one: a hole
+    # or an island never has a larger area than the outer contour around it (equal area means the same
+    # polygon, hence the same box, listed after it), and the outer contours come in the same order in
+    # RETR_EXTERNAL as at the top level of RETR_TREE, so RETR_EXTERNAL picks the same box, with less tracing.
+    mode = cv2.RETR_TREE if multi_contour else cv2.RETR_EXTERNAL
     for k in range(len(ts)):
         a, b, c, d = int(y0[k]), int(y1[k]), int(x0[k]), int(x1[k])
         _, binary = thresh(u[a:b + 1, c:d + 1], int(ts[k]), 255, cv2.THRESH_BINARY)
-        cs = find(binary, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[0]
+        cs = find(binary, mode, cv2.CHAIN_APPROX_SIMPLE)[0]
         contours.extend(cs)
         per_t[k] = len(cs)
         offsets[k, 0] = c
         offsets[k, 1] = a
     n_contours = len(contours)
-    lengths = np.fromiter((len(c) for c in contours), np.int64, n_contours)
-    pts = np.concatenate(contours).reshape(-1, 2).astype(np.int64)
-    starts = np.zeros(n_contours, np.int64)
-    np.cumsum(lengths[:-1], out=starts[1:])
     t_start = np.zeros(len(ts), np.int64)
     np.cumsum(per_t[:-1], out=t_start[1:])
     t_of = np.repeat(np.arange(len(ts)), per_t)
-    px, py = pts[:, 0], pts[:, 1]
-    off = offsets[t_of]
-    bx0 = np.minimum.reduceat(px, starts) + off[:, 0]
-    by0 = np.minimum.reduceat(py, starts) + off[:, 1]
-    bx1 = np.maximum.reduceat(px, starts) + off[:, 0]
-    by1 = np.maximum.reduceat(py, starts) + off[:, 1]
-    # boundingRect gives w = max−min+1, so x+w = max+1, then clipped to W−1 / H−1
-    boxes = np.stack([bx0, by0, np.minimum(bx1 + 1, width - 1), np.minimum(by1 + 1, height - 1)], axis=1)
     if not multi_contour:
-        prev = np.arange(len(px)) - 1
-        prev[starts] = starts + lengths - 1
-        area2 = np.abs(np.add.reduceat(px[prev] * py - px * py[prev], starts))  # 2 × cv2.contourArea
-        t_max = np.maximum.reduceat(area2, t_start)
-        candidate = np.where(area2 == t_max[t_of], np.arange(n_contours), n_contours)
-        pick = np.minimum.reduceat(candidate, t_start)  # the first contour with the largest area
-        return _iou_plus1(boxes[pick], gt).max(axis=1)
-    return np.maximum.reduceat(_iou_plus1(boxes, gt).max(axis=1), t_start)
+        # cv2.contourArea is exact here (integer points, double sums); the first largest per threshold
+        area = np.fromiter(map(cv2.contourArea, contours), np.float64, n_contours)
+        t_max = np.maximum.reduceat(area, t_start)
+        candidate = np.where(area == t_max[t_of], np.arange(n_contours), n_contours)
+        pick = np.minimum.reduceat(candidate, t_start)
+        rects = np.array([cv2.boundingRect(contours[i]) for i in pick.tolist()], np.int64).reshape(-1, 4)
+        off = offsets
+    else:
+        rects = np.array(list(map(cv2.boundingRect, contours)), np.int64).reshape(-1, 4)
+        off = offsets[t_of]
+    x = rects[:, 0] + off[:, 0]
+    y = rects[:, 1] + off[:, 1]
+    # box = (x, y, x + w, y + h) clipped to W−1 / H−1, as in the reference
+    boxes = np.stack([x, y, np.minimum(x + rects[:, 2], width - 1), np.minimum(y + rects[:, 3], height - 1)],
+                     axis=1)
+    best = _iou_plus1(boxes, gt).max(axis=1)
+    return best if not multi_contour else np.maximum.reduceat(best, t_start)
 
 
 # ------------------------------------------------------------------------------------ the metric

@@ -35,7 +35,8 @@ class DenseMIoU(Metric):
     higher_is_better: ClassVar[dict[str, bool]] = {"miou": True, "miou_first_peak": True}
     primary: ClassVar[str] = "miou"
 
-    def __init__(self, num_classes: int, bg_thresholds: Sequence[float] | np.ndarray = DEFAULT_BG_THRESHOLDS) -> None:
+    def __init__(self, num_classes: int,
+                 bg_thresholds: Sequence[float] | np.ndarray = DEFAULT_BG_THRESHOLDS) -> None:
         super().__init__()
         if int(num_classes) < 2:
             raise MetricInputError(f"num_classes counts background too and must be ≥ 2, got {num_classes}")

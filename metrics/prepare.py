@@ -82,7 +82,8 @@ def _check_boxes(boxes: Any, where: str) -> np.ndarray:
     if (b < 0).any():
         raise MetricInputError(f"{where}: box coordinates must be non-negative, got {b.tolist()}")
     if ((b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1])).any():
-        raise MetricInputError(f"{where}: boxes must be x0,y0,x1,y1 with x1 ≥ x0 and y1 ≥ y0, got {b.tolist()}")
+        raise MetricInputError(f"{where}: boxes must be x0,y0,x1,y1 with x1 ≥ x0 and y1 ≥ y0, "
+                               f"got {b.tolist()}")
     return b
 
 

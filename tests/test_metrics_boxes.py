@@ -174,6 +174,15 @@ def test_ties_in_largest_contour_follow_opencv_order():
     for gt in ([[5, 5, 10, 10]], [[25, 25, 30, 30]], [[25, 5, 30, 10]]):
         gt = np.array(gt)
         assert np.array_equal(image_best_iou(m, gt, thr, False), reference_best_iou(m, gt, thr, False))
+    # a 1-pixel-wide diamond ring: its hole contour has exactly the outer contour's area
+    m = np.zeros((12, 12), np.float32)
+    for x, y in [(5, 1), (4, 2), (6, 2), (3, 3), (7, 3), (4, 4), (6, 4), (5, 5)]:
+        m[y, x] = 1.0
+    m[8:11, 8:11] = 1.0  # a 3×3 square: area 4, less than the ring's 8
+    for gt in ([[3, 1, 8, 6]], [[8, 8, 11, 11]]):
+        gt = np.array(gt)
+        for multi in (False, True):
+            assert np.array_equal(image_best_iou(m, gt, thr, multi), reference_best_iou(m, gt, thr, multi))
     # single-pixel (zero-area) contours everywhere
     m = np.zeros((20, 20), np.float32)
     m[::4, ::3] = 1.0

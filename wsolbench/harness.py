@@ -153,7 +153,7 @@ class _BoxEvaluator(_Evaluator):
             masks, ignores = zip(*(_resize_mask_pair(s.load_mask(), size) for s in samples))
         batch: dict[str, dict[str, Any]] = {}
         for variant, arr in _maps_by_variant(out).items():
-            maps = [prepare_map(arr[i, 0], (size, size)) for i in range(len(samples))]
+            maps = [prepare_map(arr[i, 0], (size, size), dtype=np.float64) for i in range(len(samples))]
             mets = self.fresh(arr[:, :1])
             mets["v1"].update(maps, gt, pred_top5=top5, labels=labels if top5 else None)
             mets["v2"].update(maps, gt)
@@ -206,7 +206,7 @@ class _MaskEvaluator(_Evaluator):
         batch = {}
         for variant, arr in _maps_by_variant(out).items():
             mets = self.fresh(arr[:, :1])
-            mets["pxap"].update([prepare_map(arr[i, 0], (size, size)) for i in range(len(samples))],
+            mets["pxap"].update([prepare_map(arr[i, 0], (size, size), dtype=np.float64) for i in range(len(samples))],
                                 list(masks), list(ignores))
             batch[variant] = mets
         return batch, [{"image_id": s.image_id, "label": s.label} for s in samples]
