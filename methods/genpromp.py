@@ -1,0 +1,936 @@
+"""GenPromp (Zhao et al., ICCV 2023): WSOL as conditional image denoising with generative prompts.
+
+Model: a latent diffusion model (VAE, cross-attention U-Net, CLIP text encoder; Stable Diffusion v1.4 in the
+paper profile, the zoo's synthetic-world model in the tiny profile) plus a test-time classifier for the
+category (EfficientNet-B7 in the paper; here a timm model, the zoo classifier, or a predictions JSON in the
+official format ``{image name: {"pred_scores": [C floats]}}``).
+
+Prompts (per class c, each the text-encoder ``last_hidden_state`` averaged over the 7 templates):
+  * f_d, discriminative: "a photo of a {meta token}"; the meta token is ``prompts.meta_token`` when set
+    ("bird" for CUB), else taken from the class name by the official rule: split the name into
+    comma-separated synonyms, take each synonym's LAST word, use the first of those that is a single
+    tokenizer token, else the last BPE piece of the first one ("electric ray, crampfish" -> "ray").
+  * f_r, representative: "a photo of a <cub-c>" with a learned concept token (id = tokenizer size + c,
+    49408 + c for SD) whose embedding row is initialised from the meta token's.
+  * f_c = w * f_r + (1 - w) * f_d (``prompts.combine_ratio`` w = 0.6); ``prompts.embedding`` selects
+    f_d / f_r / f_c for the paper's ablation.
+
+Training (``fit``): stage 1 learns each class's concept row alone with the denoising loss
+||eps - eps_theta(z_t, t, f_r)||^2 on that class's images (every other parameter frozen; classes can be
+run side by side with ``parallel_classes``: each row has its own AdamW and only its own images' loss, so
+this is exactly per-class training in lockstep). Stage 2 finetunes the whole U-Net with
+f = 0.5 f_r + 0.5 f_d. Both resume (stage 1 per finished class, stage 2 every ``save_steps``) and write
+the official checkpoint layout: ``tokens/{token_id}.bin`` = ``{token: tensor[D]}`` and ``unet/``
+(diffusers ``save_pretrained``); official checkpoints load through ``model.token_path``/``model.unet_path``.
+
+Inference (``localize``): image -> bicubic resize to ``model.image_size`` -> pixels in [-1, 1] -> one VAE
+sample x scaling factor = z_0; one Gaussian noise draw per image shared by all timesteps;
+z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps; ONE U-Net forward over the batch of (query, timestep)
+pairs conditioned on the query's prompt embedding; cross-attention probabilities (explicit float32
+softmax, ``wsolbench.attention_maps``) recorded only at the configured layers, at the class token's
+position (index 5 of "<bos> a photo of a X"), averaged over heads.
+
+TIMESTEP INDEXING: ``inference.timesteps`` are diffusers scheduler indices, 0-based (t = 0..999, the
+index into ``alphas_cumprod``). The paper's t = 1 and t = 100 are indices 0 and 99, the official code's
+values; the default is ``[0, 99]``.
+
+Aggregation (the official ``diffusion_cam``): ``inference.groups`` lists layer groups by U-Net place
+(down/mid/up) and level (spatial size = latent / 2**level). The paper's default for a 64x64 latent is three
+groups: every 8x8 map (level 3: the mid block for SD), the 16x16 maps of the up path, the 16x16 maps of the
+down path. Each group is averaged over heads, layers and timesteps, resized (bicubic) to ``map_size``
+(64); the groups are averaged and each map is divided by its maximum.
+
+Classifier: GT-known maps come from ``localize(images, classes=gt)``; ``out.logits`` are the classifier's
+scores, so Top-1/Top-5 Loc follow (a prediction counts only when it is the GT class, whose map is then
+the predicted class's map, as in the official top1/top5 modes). ``localize(images)`` (no classes) maps the
+classifier's top-1 class; ``localize_predicted(images, k)`` the top-k. With a predictions JSON, pass
+``image_ids`` to ``localize``. Capabilities: ``single`` and ``phrase`` (not ``multi``: the paper never
+maps every class of an image, and doing so costs C U-Net passes per image).
+
+Phrases: ``localize(images, texts=[[...]])`` conditions on "a photo of a {phrase}" (f_d only: a phrase
+has no learned concept token) and averages the attention over the phrase's token positions.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wsolbench.attention_maps import (AttentionLayer, AttentionRecorder, select_layers, unet_attention_layers)
+from wsolbench.imaging import as_image_list, to_float_chw
+from wsolbench.localizer import Capability, InputError, Localizer, LocalizerOutput
+from wsolbench.registry import register_method
+
+log = logging.getLogger(__name__)
+
+TEMPLATES = ("a photo of a {}", "a rendering of a {}", "the photo of a {}", "a photo of my {}",
+             "a photo of the {}", "a photo of one {}", "a rendition of a {}")
+EMBEDDINGS = ("combined", "discriminative", "representative")
+STAGE2_STATE = "stage2_state.pt"
+
+
+# ------------------------------------------------------------------------------------------ prompts
+def clean_class_name(name: str) -> str:
+    """"001.Black_footed_Albatross" -> "Black footed Albatross"; synonyms after commas are kept."""
+    name = re.sub(r"^\s*\d+\.", "", str(name))
+    return name.replace("_", " ").strip()
+
+
+def select_meta_token(class_name: str, tokenizer) -> str:
+    """The official meta-token rule (see the module docstring)."""
+    synonyms = [s.strip() for s in clean_class_name(class_name).split(",") if s.strip()]
+    if not synonyms:
+        raise ValueError(f"empty class name {class_name!r}")
+    words = [s.split(" ")[-1] for s in synonyms]
+    for w in words:
+        if len(tokenizer.encode(w, add_special_tokens=False)) == 1:
+            return w
+    ids = tokenizer.encode(words[0], add_special_tokens=False)
+    return tokenizer.decode([ids[-1]]).strip()
+
+
+def combine_embeddings(f_r: torch.Tensor, f_d: torch.Tensor, ratio: float, mode: str = "combined"):
+    """f_c = ratio * f_r + (1 - ratio) * f_d; ``mode`` discriminative/representative returns f_d / f_r."""
+    if mode == "discriminative":
+        return f_d
+    if mode == "representative":
+        return f_r
+    if mode != "combined":
+        raise ValueError(f"prompts.embedding must be one of {EMBEDDINGS}, got {mode!r}")
+    return ratio * f_r + (1.0 - ratio) * f_d
+
+
+class ConceptTokenEmbedding(nn.Module):
+    """The text encoder's token embedding plus one separately-trainable row per concept token.
+
+    Ids below ``offset`` read the frozen base table; id ``offset + c`` reads ``rows[c]``. Keeping each row
+    its own Parameter lets stage 1 train exactly one class's row (and lets AdamW's weight decay touch
+    nothing else)."""
+
+    def __init__(self, base: nn.Embedding, init: torch.Tensor, offset: int) -> None:
+        super().__init__()
+        self.base = base
+        self.offset = int(offset)
+        self.rows = nn.ParameterList([nn.Parameter(r.detach().clone(), requires_grad=False) for r in init])
+
+    @property
+    def weight(self) -> torch.Tensor:  # what get_input_embeddings().weight users expect
+        return torch.cat([self.base.weight[: self.offset], self.table()], 0)
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.offset + len(self.rows)
+
+    def table(self) -> torch.Tensor:
+        return torch.stack(list(self.rows)) if len(self.rows) else self.base.weight[:0]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        is_concept = ids >= self.offset
+        out = self.base(torch.where(is_concept, torch.zeros_like(ids), ids))
+        if not bool(is_concept.any()):
+            return out
+        concept_ids = (ids[is_concept] - self.offset).tolist()
+        uniq = sorted(set(concept_ids))
+        if uniq[-1] >= len(self.rows):
+            raise IndexError(f"concept token id {self.offset + uniq[-1]} has no embedding row "
+                             f"({len(self.rows)} concepts)")
+        pos = {c: i for i, c in enumerate(uniq)}
+        table = torch.stack([self.rows[c] for c in uniq]).to(out.dtype)
+        out = out.clone()
+        out[is_concept] = table[torch.tensor([pos[c] for c in concept_ids], device=out.device)]
+        return out
+
+
+# ------------------------------------------------------------------------------------------ aggregation
+def group_layers(layers: Sequence[AttentionLayer], groups: Sequence[dict]) -> list[list[AttentionLayer]]:
+    """The layers of each configured group (``{places: [...], levels: [...]}``); empty groups are errors."""
+    out = []
+    for i, g in enumerate(groups):
+        sel = select_layers(layers, places=g.get("places"), levels=g.get("levels"), blocks=g.get("blocks"))
+        if not sel:
+            have = sorted({(l.place, l.level) for l in layers})
+            raise ValueError(f"inference.groups[{i}] = {g} matches no cross-attention layer of this U-Net; "
+                             f"it has (place, level): {have}")
+        out.append(sel)
+    return out
+
+
+def aggregate_maps(layer_maps: dict[str, torch.Tensor], groups: Sequence[Sequence[AttentionLayer]],
+                   out_size: int, eps: float = 1e-12) -> torch.Tensor:
+    """The official aggregation. ``layer_maps[name]``: Q×T×h×w (already averaged over heads).
+
+    Per group: mean over its layers and the T timesteps -> bicubic resize to out_size; mean over groups;
+    divide each map by its max. Returns Q×out_size×out_size float32."""
+    per_group = []
+    for layers in groups:
+        stack = torch.stack([layer_maps[l.name].float().mean(dim=1) for l in layers], 0).mean(0)  # Q×h×w
+        per_group.append(F.interpolate(stack[:, None], size=(out_size, out_size), mode="bicubic",
+                                       align_corners=False)[:, 0])
+    cams = torch.stack(per_group, 0).mean(0)
+    return cams / cams.amax(dim=(-2, -1), keepdim=True).clamp_min(eps)
+
+
+# ------------------------------------------------------------------------------------------ components
+def _torch_dtype(name: str) -> torch.dtype:
+    table = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float32": torch.float32, "fp32": torch.float32}
+    if name not in table:
+        raise ValueError(f"model.dtype must be one of {sorted(table)}, got {name!r}")
+    return table[name]
+
+
+def _cast(module: nn.Module, device, dtype: torch.dtype) -> nn.Module:
+    """Move to device; change dtype only when it differs (diffusers warns on every dtype cast)."""
+    module.to(device)
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype)
+    return module
+
+
+def load_diffusers_dir(directory: str | Path, unet_dir: str | Path | None = None) -> dict:
+    """vae/unet/text_encoder/tokenizer/scheduler from a diffusers-layout folder (offline)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    d = str(directory)
+    kw = {"local_files_only": True}
+    unet = (UNet2DConditionModel.from_pretrained(str(unet_dir), **kw) if unet_dir is not None
+            else UNet2DConditionModel.from_pretrained(d, subfolder="unet", **kw))
+    return {"vae": AutoencoderKL.from_pretrained(d, subfolder="vae", **kw), "unet": unet,
+            "text_encoder": CLIPTextModel.from_pretrained(d, subfolder="text_encoder", **kw),
+            "tokenizer": CLIPTokenizer.from_pretrained(d, subfolder="tokenizer", **kw),
+            "scheduler": DDPMScheduler.from_pretrained(d, subfolder="scheduler", **kw)}
+
+
+def missing_weights(message: str) -> Exception:
+    from wsolbench.weights import MissingWeightsError
+
+    return MissingWeightsError(message)
+
+
+def _resolve_pretrained(name: str) -> Path:
+    """A local diffusers folder for ``name`` (a folder, or a catalogue/hub name resolved offline by
+    ``wsolbench.weights``: weights dir, then the Hugging Face cache; MissingWeightsError otherwise)."""
+    from wsolbench import weights
+
+    return Path(weights.resolve_diffusers(name))
+
+
+def _resolve_file(path: str | None) -> Path | None:
+    """A user path: absolute/relative to the CWD, else relative to the weights dir."""
+    if path in (None, ""):
+        return None
+    p = Path(str(path)).expanduser()
+    if p.exists():
+        return p
+    from wsolbench.paths import weights_dir
+
+    wd = weights_dir()
+    if wd is not None and (wd / p).exists():
+        return wd / p
+    return p
+
+
+def _build_components(cfg: dict) -> dict:
+    m = cfg["model"]
+    if m["source"] == "zoo":
+        from wsolbench import zoo
+
+        scale = m["zoo_scale"]
+        if scale == "micro":
+            return zoo.create_diffusion_components("micro")
+        return load_diffusers_dir(zoo.diffusion_dir(scale))
+    if m["source"] == "pretrained":
+        return load_diffusers_dir(_resolve_pretrained(m["pretrained"]))
+    raise ValueError(f"model.source must be 'pretrained' or 'zoo', got {m['source']!r}")
+
+
+# ------------------------------------------------------------------------------------------ classifier
+class PredictionsClassifier:
+    """Class scores from an official-format JSON ``{image name: {"pred_scores": [C floats]}}``.
+
+    Keys are matched to ``image_ids`` exactly, then without extension, then by basename without extension."""
+
+    def __init__(self, path: Path) -> None:
+        if not Path(path).exists():
+            raise missing_weights(f"GenPromp classifier predictions not found: {path}. Put the official "
+                                      f"EfficientNet-B7 predictions JSON there, or set classifier.kind=none "
+                                      f"(GT-known only) / timm / zoo")
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        self.scores: dict[str, list[float]] = {}
+        for k, v in raw.items():
+            s = v["pred_scores"] if isinstance(v, dict) else v
+            for key in {k, _stem(k), Path(_stem(k)).name}:
+                self.scores.setdefault(key, s)
+
+    def __call__(self, images, image_ids: Sequence[str] | None) -> torch.Tensor | None:
+        if image_ids is None:
+            return None
+        rows = []
+        for i in image_ids:
+            for key in (str(i), _stem(str(i)), Path(_stem(str(i))).name):
+                if key in self.scores:
+                    rows.append(self.scores[key])
+                    break
+            else:
+                raise KeyError(f"no prediction for image {i!r} in the predictions JSON")
+        return torch.tensor(rows, dtype=torch.float32)
+
+
+def _stem(name: str) -> str:
+    return re.sub(r"\.(jpe?g|png|bmp|JPE?G|PNG)$", "", name)
+
+
+class ModelClassifier:
+    """A timm-style classifier: resize (bilinear, no crop) + normalise -> logits."""
+
+    def __init__(self, model: nn.Module, size: int, mean, std, device: str) -> None:
+        self.model = model.eval().to(device)
+        self.size, self.mean, self.std, self.device = int(size), tuple(mean), tuple(std), device
+
+    @torch.no_grad()
+    def __call__(self, images, image_ids=None) -> torch.Tensor:
+        from wsolbench.imaging import to_batch
+
+        x = to_batch(images, self.size, self.mean, self.std).to(self.device)
+        return self.model(x).float().cpu()
+
+
+def build_classifier(cfg: dict, device: str):
+    c = cfg["classifier"]
+    kind = c["kind"]
+    if kind in (None, "none"):
+        return None
+    if kind == "json":
+        return PredictionsClassifier(_resolve_file(c["predictions"]))
+    if kind == "zoo":
+        from wsolbench import zoo
+
+        model = zoo.load_backbone("classifier", c["zoo_scale"])
+    elif kind == "timm":
+        import timm
+
+        from wsolbench import weights
+
+        path = _resolve_file(c["checkpoint"]) if c["checkpoint"] else weights.resolve(c["name"])
+        if not Path(path).exists():
+            raise missing_weights(f"GenPromp classifier checkpoint not found: {path} (timm model {c['name']})")
+        model = timm.create_model(c["name"], pretrained=False, num_classes=int(c["num_classes"]))
+        model.load_state_dict(weights.load_state_dict(path))
+    else:
+        raise ValueError(f"classifier.kind must be none, json, timm or zoo, got {kind!r}")
+    pc = getattr(model, "pretrained_cfg", None) or {}
+    size = c["input_size"] or (pc.get("input_size") or (3, 224, 224))[-1]
+    mean = c["mean"] or pc.get("mean") or (0.485, 0.456, 0.406)
+    std = c["std"] or pc.get("std") or (0.229, 0.224, 0.225)
+    return ModelClassifier(model, size, mean, std, device)
+
+
+# ------------------------------------------------------------------------------------------ the method
+@register_method("genpromp")
+class GenPromp(Localizer):
+    """GenPromp; see the module docstring. ``components`` (dict vae/unet/text_encoder/tokenizer/scheduler)
+    bypasses ``model.source`` (tests, notebooks)."""
+
+    capabilities = frozenset({Capability.SINGLE, Capability.PHRASE})
+    needs_training = True
+
+    def __init__(self, config: dict | None = None, class_names: Sequence[str] | None = None, device: str = "cpu",
+                 components: dict | None = None) -> None:
+        super().__init__(config, class_names, device)
+        cfg = self.config
+        self._cache: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+        comps = components if components is not None else _build_components(cfg)
+        self.tokenizer = comps["tokenizer"]
+        self.text_encoder = comps["text_encoder"].eval()
+        self.vae = comps["vae"].eval()
+        self.unet = comps["unet"].eval()
+        self.scheduler = comps["scheduler"]
+        for module in (self.text_encoder, self.vae, self.unet):
+            module.requires_grad_(False)
+        self.image_size = int(cfg["model"]["image_size"])
+        self.infer_dtype = (_torch_dtype(cfg["model"]["dtype"]) if str(device).startswith("cuda")
+                            else torch.float32)
+        self.templates = tuple(cfg["prompts"]["templates"])
+        self.max_length = int(self.tokenizer.model_max_length)
+        self._setup_concepts()
+        self.unet_finetuned = False
+        if cfg["model"]["token_path"]:
+            self.load_official_tokens(_resolve_file(cfg["model"]["token_path"]))
+        if cfg["model"]["unet_path"] and cfg["inference"]["finetuned"]:
+            self.load_unet(_resolve_file(cfg["model"]["unet_path"]))
+        self.text_encoder.to(device)
+        _cast(self.vae, device, self.infer_dtype)
+        _cast(self.unet, device, self.infer_dtype)
+        self.classifier = build_classifier(cfg, device)
+        self.cross_layers = unet_attention_layers(self.unet, "cross")
+        self.groups = group_layers(self.cross_layers, cfg["inference"]["groups"])
+        self._record_layers = sorted({l for g in self.groups for l in g}, key=self.cross_layers.index)
+
+    @classmethod
+    def from_config(cls, config: dict, class_names: Sequence[str] | None = None, device: str = "cpu",
+                    components: dict | None = None):
+        return cls(config=config, class_names=class_names, device=device, components=components)
+
+    # ---- concept tokens ----------------------------------------------------------------------------
+    def _setup_concepts(self) -> None:
+        p = self.config["prompts"]
+        n = len(self.class_names)
+        self.concept_tokens = [p["concept_token"].format(i) for i in range(n)]
+        self.token_offset = len(self.tokenizer)
+        if n:
+            added = self.tokenizer.add_tokens(self.concept_tokens)
+            ids = self.tokenizer.convert_tokens_to_ids(self.concept_tokens)
+            if added != n or ids != list(range(self.token_offset, self.token_offset + n)):
+                raise ValueError(f"concept tokens {self.concept_tokens[:3]}... did not get consecutive new ids "
+                                 f"from {self.token_offset} (the tokenizer already had some of them?)")
+        fixed = p["meta_token"]
+        self.meta_tokens = [fixed if fixed else select_meta_token(c, self.tokenizer) for c in self.class_names]
+        emb = self.text_encoder.get_input_embeddings()
+        base = emb.base if isinstance(emb, ConceptTokenEmbedding) else emb
+        if self.token_offset > base.num_embeddings:
+            raise ValueError(f"the tokenizer has {self.token_offset} tokens but the text encoder only "
+                             f"{base.num_embeddings} embeddings")
+        init = torch.stack([base.weight[self.tokenizer.encode(m, add_special_tokens=False)[0]]
+                            for m in self.meta_tokens]) if n else base.weight[:0]
+        self.concepts = ConceptTokenEmbedding(base, init, self.token_offset)
+        self.text_encoder.set_input_embeddings(self.concepts)
+
+    @property
+    def concept_token_ids(self) -> list[int]:
+        return list(range(self.token_offset, self.token_offset + len(self.concept_tokens)))
+
+    def save_official_tokens(self, directory: str | Path, classes: Sequence[int] | None = None) -> Path:
+        """``tokens/{token_id}.bin`` files, each ``{concept token: tensor[D]}`` (the official layout)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        from wsolbench.io import atomic_path
+
+        for c in range(len(self.concept_tokens)) if classes is None else classes:
+            with atomic_path(directory / f"{self.token_offset + c}.bin") as tmp:
+                torch.save({self.concept_tokens[c]: self.concepts.rows[c].detach().float().cpu().clone()}, tmp)
+        return directory
+
+    def load_official_tokens(self, directory: str | Path, strict: bool = False) -> list[int]:
+        """Read ``{token_id}.bin`` files (torch.load with weights_only=True); returns the classes loaded.
+        A missing file leaves that class at its meta-token initialisation (a warning, as in the official
+        code) unless ``strict``."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise missing_weights(f"GenPromp token folder not found: {directory} (expected files "
+                                      f"{self.token_offset}.bin ... with {{'<token>': tensor}})")
+        loaded, missing = [], []
+        for c, token in enumerate(self.concept_tokens):
+            f = directory / f"{self.token_offset + c}.bin"
+            if not f.exists():
+                missing.append(c)
+                continue
+            obj = torch.load(f, map_location="cpu", weights_only=True)
+            if token not in obj:
+                raise ValueError(f"{f} holds {list(obj)}, not the concept token {token!r}")
+            with torch.no_grad():
+                self.concepts.rows[c].copy_(obj[token].to(self.concepts.rows[c]))
+            loaded.append(c)
+        if missing:
+            if strict:
+                raise FileNotFoundError(f"{directory}: no token file for classes {missing[:10]}...")
+            log.warning("GenPromp: %d concept tokens missing in %s (kept at their meta-token init)",
+                        len(missing), directory)
+        self._cache.clear()
+        return loaded
+
+    def load_unet(self, directory: str | Path) -> None:
+        from diffusers import UNet2DConditionModel
+
+        directory = Path(directory)
+        if not (directory / "config.json").exists():
+            raise missing_weights(f"finetuned U-Net not found: {directory} (a diffusers save_pretrained "
+                                      f"folder with config.json and the weights)")
+        self.unet = UNet2DConditionModel.from_pretrained(str(directory), local_files_only=True).eval()
+        self.unet.requires_grad_(False)
+        self.unet_finetuned = True
+        if hasattr(self, "cross_layers"):
+            _cast(self.unet, self.device, self.infer_dtype)
+
+    # ---- persistence -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"concept_embeddings": self.concepts.table().detach().float().cpu()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        table = state["concept_embeddings"]
+        if table.shape[0] != len(self.concepts.rows):
+            raise ValueError(f"checkpoint has {table.shape[0]} concept rows, this method {len(self.concepts.rows)}")
+        with torch.no_grad():
+            for r, v in zip(self.concepts.rows, table):
+                r.copy_(v.to(r))
+        self._cache.clear()
+
+    def save(self, path: str | Path) -> Path:
+        """config.yaml + model.safetensors (concept rows), plus the official ``tokens/`` and, when the U-Net
+        was finetuned, ``unet/``."""
+        from wsolbench.checkpoint import save_localizer
+
+        path = Path(path)
+        save_localizer(self, path)
+        self.save_official_tokens(path / "tokens")
+        if self.unet_finetuned:
+            self.unet.save_pretrained(str(path / "unet"))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu", config: dict | None = None):
+        """Rebuild a method saved with ``save``. ``config``: use this resolved config instead of the saved
+        one (same classes), e.g. to evaluate one trained checkpoint under the paper's ablation switches."""
+        import yaml
+
+        from wsolbench.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_localizer, load_tensors
+
+        path = Path(path)
+        if config is None:
+            method = load_localizer(cls, path, device=device)
+        else:
+            meta = yaml.safe_load((path / CONFIG_FILE).read_text(encoding="utf-8"))
+            method = cls.from_config(config, class_names=meta.get("class_names"), device=device)
+            method.load_state_dict(load_tensors(path / WEIGHTS_FILE, device="cpu"))
+        if (path / "unet" / "config.json").exists() and method.config["inference"]["finetuned"]:
+            method.load_unet(path / "unet")
+        return method
+
+    # ---- prompts -----------------------------------------------------------------------------------
+    def _tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_length,
+                              return_tensors="pt").input_ids
+
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """last_hidden_state (N×L×D, float32) of each text."""
+        ids = self._tokenize(texts).to(self.device)
+        return self.text_encoder(ids)[0].float()
+
+    def template_embedding(self, word: str) -> torch.Tensor:
+        """L×D: the mean over the templates of "template.format(word)"."""
+        return self.encode_texts([t.format(word) for t in self.templates]).mean(0)
+
+    @torch.no_grad()
+    def class_embedding(self, c: int, mode: str | None = None) -> torch.Tensor:
+        """The conditioning of class ``c`` (f_c by default; ``mode`` per ``prompts.embedding``)."""
+        p = self.config["prompts"]
+        mode = mode or p["embedding"]
+        key = ("class", int(c), mode)
+        if key not in self._cache:
+            f_d = self.template_embedding(self.meta_tokens[c]) if mode != "representative" else None
+            f_r = self.template_embedding(self.concept_tokens[c]) if mode != "discriminative" else None
+            self._put(key, combine_embeddings(f_r, f_d, float(p["combine_ratio"]), mode))
+        self._cache.move_to_end(key)
+        return self._cache[key]
+
+    @torch.no_grad()
+    def phrase_embedding(self, text: str) -> tuple[torch.Tensor, list[int]]:
+        key = ("text", text)
+        if key not in self._cache:
+            self._put(key, self.template_embedding(text))
+        prefix = len(self.tokenizer.encode(self.templates[0].format("").strip(), add_special_tokens=False))
+        n = max(1, len(self.tokenizer.encode(text, add_special_tokens=False)))
+        pos = [i for i in range(1 + prefix, 1 + prefix + n) if i < self.max_length - 1] or [self.max_length - 2]
+        return self._cache[key], pos
+
+    def _put(self, key, value) -> None:
+        self._cache[key] = value
+        while len(self._cache) > int(self.config["inference"]["cache_size"]):
+            self._cache.popitem(last=False)
+
+    def _class_positions(self, c: int) -> list[int]:
+        idx = self.config["prompts"]["token_index"]
+        if idx != "auto":
+            return [int(idx)]
+        prefix = len(self.tokenizer.encode(self.templates[0].format("").strip(), add_special_tokens=False))
+        word = self.meta_tokens[c] if self.config["prompts"]["embedding"] == "discriminative" \
+            else self.concept_tokens[c]
+        n = len(self.tokenizer.encode(word, add_special_tokens=False))
+        return list(range(1 + prefix, 1 + prefix + n))
+
+    # ---- pixels / latents --------------------------------------------------------------------------
+    def pixels(self, images: Any) -> torch.Tensor:
+        """B×3×S×S in [-1, 1] (bicubic resize of the whole image, the official test pipeline)."""
+        out = []
+        for i, img in enumerate(as_image_list(images)):
+            t = to_float_chw(img, i)
+            if t.shape[-2:] != (self.image_size, self.image_size):
+                t = F.interpolate(t[None], size=(self.image_size, self.image_size), mode="bicubic",
+                                  align_corners=False, antialias=True)[0]
+            out.append(t.clamp(0, 1))
+        return torch.stack(out) * 2.0 - 1.0
+
+    def encode_latents(self, pixels: torch.Tensor, generators: Sequence[torch.Generator] | None = None
+                       ) -> torch.Tensor:
+        """z_0 = one posterior sample (``inference.latent: sample``) or the mean, x the VAE scaling factor.
+        ``generators``: one per image (its draw then does not depend on the batch it came in)."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        dist = self.vae.encode(pixels.to(self.device, vae_dtype)).latent_dist
+        if self.config["inference"]["latent"] == "mode":
+            z = dist.mode()
+        else:
+            eps = (torch.stack([torch.randn(dist.mean.shape[1:], generator=g) for g in generators])
+                   if generators is not None else torch.randn(dist.mean.shape))
+            z = dist.mean + dist.std * eps.to(dist.mean.device, dist.mean.dtype)
+        return z * float(getattr(self.vae.config, "scaling_factor", 0.18215))
+
+    def _image_generators(self, pixels: torch.Tensor) -> list[torch.Generator]:
+        """One generator per image, seeded by ``noise_seed`` and the image's content: the same image gets
+        the same VAE sample and noise in any batch, order or run (the official code draws once per batch)."""
+        import hashlib
+
+        seed = int(self.config["inference"]["noise_seed"])
+        q = ((pixels.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        return [torch.Generator().manual_seed(
+            int.from_bytes(hashlib.blake2b(im.tobytes(), digest_size=8, key=str(seed).encode()).digest(), "little")
+            % (2**63)) for im in q]
+
+    # ---- inference ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def attention_cams(self, pixels: torch.Tensor, query_image: Sequence[int], cond: torch.Tensor,
+                       token_weights: torch.Tensor) -> torch.Tensor:
+        """Maps (Q×S×S, max-normalised) for Q queries: query q reads image ``query_image[q]`` of
+        ``pixels`` (B×3×H×W in [-1, 1]), is conditioned on ``cond[q]`` (L×D) and records the attention
+        mixture ``token_weights[q]`` (L)."""
+        inf = self.config["inference"]
+        gens = self._image_generators(pixels)
+        bs = int(inf["batch_size"])
+        z0 = torch.cat([self.encode_latents(pixels[s:s + bs], gens[s:s + bs]) for s in range(0, len(gens), bs)])
+        noise = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in gens]).to(z0)
+        ts = [int(t) for t in inf["timesteps"]]
+        if not ts or min(ts) < 0 or max(ts) >= self.scheduler.config.num_train_timesteps:
+            raise ValueError(f"inference.timesteps must be 0-based scheduler indices in "
+                             f"[0, {self.scheduler.config.num_train_timesteps - 1}], got {ts}")
+        q_img = torch.as_tensor(list(query_image), dtype=torch.long, device=z0.device)
+        n_q, n_t = len(q_img), len(ts)
+        # item i = (query i // T, timestep i % T)
+        item_q = torch.arange(n_q, device=z0.device).repeat_interleave(n_t)
+        item_t = torch.tensor(ts, device=z0.device).repeat(n_q)
+        cond = cond.to(self.device, self.infer_dtype)
+        token_weights = token_weights.to(self.device, torch.float32)
+        collected: dict[str, list[torch.Tensor]] = {l.name: [] for l in self._record_layers}
+        rec = AttentionRecorder(self.unet, self._record_layers, stop_after_last=bool(inf["early_exit"]))
+        with rec:
+            for chunk in torch.arange(n_q * n_t, device=z0.device).split(int(inf["unet_batch"])):
+                q, t = item_q[chunk], item_t[chunk]
+                zt = self.scheduler.add_noise(z0[q_img[q]], noise[q_img[q]], t).to(self.infer_dtype)
+                rec.set_token_weights(token_weights[q][:, None, :])
+                rec.reset()
+                rec.run(zt, t, encoder_hidden_states=cond[q])
+                for name, m in rec.maps().items():
+                    collected[name].append(m[:, 0])
+        layer_maps = {name: torch.cat(v).view(n_q, n_t, *v[0].shape[-2:]) for name, v in collected.items()}
+        return aggregate_maps(layer_maps, self.groups, int(inf["map_size"]))
+
+    def predict_logits(self, images: Any, image_ids: Sequence[str] | None = None) -> torch.Tensor | None:
+        if self.classifier is None:
+            return None
+        return self.classifier(images, image_ids)
+
+    def localize(self, images: Any, classes: Sequence[Any] | None = None, texts: Sequence[Any] | None = None,
+                 image_ids: Sequence[str] | None = None) -> LocalizerOutput:
+        imgs = as_image_list(images)
+        b = len(imgs)
+        if texts is not None:
+            self.require(Capability.PHRASE)
+            queries = self.text_queries(texts, b)
+            embs, weights, q_img = [], [], []
+            for i, qs in enumerate(queries):
+                for text in qs:
+                    e, pos = self.phrase_embedding(text)
+                    embs.append(e)
+                    weights.append(self._weights(pos))
+                    q_img.append(i)
+            cams = self.attention_cams(self.pixels(imgs), q_img, torch.stack(embs), torch.stack(weights))
+            return LocalizerOutput(maps=cams.view(b, -1, *cams.shape[-2:]).float().cpu())
+        logits = self.predict_logits(imgs, image_ids)
+        if classes is None:  # the method's own prediction: the classifier's top-1 class
+            if logits is None:
+                raise InputError("GenPromp needs classes=[...] (GT-known) or a classifier (classifier.kind, and "
+                                 "image_ids for a predictions JSON) to localize its own prediction")
+            per_image = [[int(c)] for c in logits.argmax(dim=1).tolist()]
+        else:
+            per_image = self.class_queries(classes, b)
+        bad = [c for qs in per_image for c in qs if not 0 <= c < len(self.class_names)]
+        if bad:
+            raise InputError(f"class index {bad[0]} out of range for {len(self.class_names)} classes")
+        maps = self._class_maps(imgs, per_image)
+        return LocalizerOutput(maps=maps, logits=logits, classes=per_image)
+
+    def inference_modules(self) -> list[nn.Module]:
+        """What runs at test time (for parameter counts): text encoder, VAE, U-Net, classifier."""
+        mods = [self.text_encoder, self.vae, self.unet]
+        if isinstance(self.classifier, ModelClassifier):
+            mods.append(self.classifier.model)
+        return mods
+
+    def localize_predicted(self, images: Any, k: int = 1, image_ids: Sequence[str] | None = None
+                           ) -> LocalizerOutput:
+        """Maps for the classifier's top-k classes (the official top1/top5 evaluation modes)."""
+        imgs = as_image_list(images)
+        logits = self.predict_logits(imgs, image_ids)
+        if logits is None:
+            raise InputError("localize_predicted needs a classifier (classifier.kind) and, for a predictions "
+                             "JSON, image_ids")
+        top = logits.topk(min(k, logits.shape[1]), dim=1).indices.tolist()
+        return LocalizerOutput(maps=self._class_maps(imgs, top), logits=logits, classes=top)
+
+    def _weights(self, positions: Sequence[int]) -> torch.Tensor:
+        w = torch.zeros(self.max_length)
+        w[list(positions)] = 1.0 / len(positions)
+        return w
+
+    def _class_maps(self, imgs: list, per_image: list[list[int]]) -> torch.Tensor:
+        q_img = [i for i, qs in enumerate(per_image) for _ in qs]
+        flat = [c for qs in per_image for c in qs]
+        cams = []
+        pixels = self.pixels(imgs)
+        step = max(1, int(self.config["inference"]["query_chunk"]))
+        for s in range(0, len(flat), step):
+            cs, qi = flat[s:s + step], q_img[s:s + step]
+            cond = torch.stack([self.class_embedding(c) for c in cs])
+            w = torch.stack([self._weights(self._class_positions(c)) for c in cs])
+            used = sorted(set(qi))
+            remap = {old: new for new, old in enumerate(used)}
+            cams.append(self.attention_cams(pixels[used], [remap[i] for i in qi], cond, w))
+        cams = torch.cat(cams)
+        return cams.view(len(imgs), len(per_image[0]), *cams.shape[-2:]).float().cpu()
+
+    # ---- training ----------------------------------------------------------------------------------
+    def _train_transform(self):
+        from torchvision.transforms import v2
+
+        aug = self.config["train"]["augment"]
+        ops = [v2.ToImage(), v2.Resize((aug["resize"], aug["resize"]), interpolation=v2.InterpolationMode.BICUBIC,
+                                       antialias=True), v2.RandomCrop(aug["crop"])]
+        if aug["hflip"]:
+            ops.append(v2.RandomHorizontalFlip())
+        if aug["color_jitter"]:
+            ops.append(v2.ColorJitter(*aug["color_jitter"]))
+        ops += [v2.Resize((self.image_size, self.image_size), interpolation=v2.InterpolationMode.BICUBIC,
+                          antialias=True), v2.ToDtype(torch.float32, scale=True)]
+        return v2.Compose(ops)
+
+    def _load_batch(self, dataset, indices: Sequence[int], transform) -> torch.Tensor:
+        return torch.stack([transform(dataset[i].load_image()) for i in indices]) * 2.0 - 1.0
+
+    def _noisy(self, pixels: torch.Tensor):
+        with torch.no_grad():
+            z0 = self.encode_latents(pixels.to(self.device))
+        noise = torch.randn_like(z0)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (z0.shape[0],), device=z0.device)
+        return self.scheduler.add_noise(z0, noise, t), noise, t
+
+    def fit(self, train_data: Any, *, val_data: Any = None, out_dir: str | Path | None = None,
+            resume: bool = False, progress: bool = True) -> dict:
+        """Stage 1 (concept rows) then stage 2 (U-Net finetuning); each skipped when its official
+        checkpoint is configured (model.token_path / model.unet_path) or disabled."""
+        from wsolbench.training import seed_everything
+
+        tr = self.config["train"]
+        out_dir = Path(out_dir) if out_dir is not None else None
+        seed_everything(int(tr["seed"]))
+        _cast(self.vae, self.device, torch.float32)
+        _cast(self.unet, self.device, torch.float32)
+        self.infer_dtype_saved, self.infer_dtype = self.infer_dtype, torch.float32
+        report: dict[str, Any] = {}
+        try:
+            if self.config["model"]["token_path"]:
+                report["stage1"] = "skipped (model.token_path given)"
+            else:
+                report["stage1"] = self._fit_stage1(train_data, out_dir, resume, progress)
+            s2 = tr["stage2"]
+            if not self.config["inference"]["finetuned"] or not s2["enabled"]:
+                report["stage2"] = "skipped (disabled)"
+            elif self.config["model"]["unet_path"]:
+                report["stage2"] = "skipped (model.unet_path given)"
+            else:
+                report["stage2"] = self._fit_stage2(train_data, out_dir, resume, progress)
+        finally:
+            self.infer_dtype = self.infer_dtype_saved
+            _cast(self.vae, self.device, self.infer_dtype).eval()
+            _cast(self.unet, self.device, self.infer_dtype).eval().requires_grad_(False)
+            self.text_encoder.eval()
+            self._cache.clear()
+        return report
+
+    def _stage1_plan(self, c: int, indices: list[int], cfg: dict) -> list[tuple[list[int], bool]]:
+        """Micro-batches of class ``c`` over all epochs, each flagged when an optimizer step follows it
+        (every ``grad_accum`` micro-batches and at each epoch end, as accelerate does)."""
+        plan = []
+        bs, acc = int(cfg["batch_size"]), int(cfg["grad_accum"])
+        for e in range(int(cfg["epochs"])):
+            rng = np.random.default_rng([int(self.config["train"]["seed"]), c, e])
+            order = [indices[i] for i in rng.permutation(len(indices))]
+            micro = [order[s:s + bs] for s in range(0, len(order), bs)]
+            for j, mb in enumerate(micro):
+                plan.append((mb, (j + 1) % acc == 0 or j == len(micro) - 1))
+        return plan
+
+    def _fit_stage1(self, train_data, out_dir: Path | None, resume: bool, progress: bool) -> dict:
+        cfg = self.config["train"]["stage1"]
+        n_cls = len(self.class_names)
+        by_class: list[list[int]] = [[] for _ in range(n_cls)]
+        for i, s in enumerate(train_data):
+            by_class[s.label].append(i)
+        classes = [c for c in range(n_cls) if by_class[c]]
+        if cfg["max_classes"]:
+            classes = classes[: int(cfg["max_classes"])]
+        tok_dir = out_dir / "tokens" if out_dir is not None else None
+        done = []
+        if resume and tok_dir is not None and tok_dir.is_dir():
+            have = {int(p.stem) - self.token_offset for p in tok_dir.glob("*.bin") if p.stem.isdigit()}
+            done = [c for c in classes if c in have]
+            if done:
+                self.load_official_tokens(tok_dir)
+        todo = [c for c in classes if c not in done]
+        lr = float(cfg["lr"]) * (int(cfg["batch_size"]) * int(cfg["grad_accum"]) if cfg["scale_lr"] else 1)
+        transform = self._train_transform()
+        group_size = max(1, int(cfg["parallel_classes"]))
+        t0, losses = time.time(), []
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(todo), desc="genpromp stage 1 (classes)", leave=False, dynamic_ncols=True)
+        for g in range(0, len(todo), group_size):
+            group = todo[g:g + group_size]
+            losses.append(self._stage1_group(train_data, group, by_class, cfg, lr, transform))
+            if tok_dir is not None:
+                self.save_official_tokens(tok_dir, group)
+            if bar is not None:
+                bar.update(len(group))
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if bar is not None:
+            bar.close()
+        return {"classes_trained": len(todo), "classes_resumed": len(done), "lr": lr,
+                "mean_loss": float(np.mean(losses)) if losses else None, "time_s": round(time.time() - t0, 2)}
+
+    def _stage1_group(self, train_data, group: list[int], by_class, cfg: dict, lr: float, transform) -> float:
+        torch.manual_seed(int(self.config["train"]["seed"]) * 7919 + group[0])
+        plans = {c: self._stage1_plan(c, by_class[c], cfg) for c in group}
+        opts = {}
+        for c in group:
+            row = self.concepts.rows[c]
+            row.requires_grad_(True)
+            opts[c] = torch.optim.AdamW([row], lr=lr, betas=tuple(cfg["betas"]),
+                                        weight_decay=float(cfg["weight_decay"]), eps=float(cfg["eps"]))
+        acc = int(cfg["grad_accum"])
+        total, count = 0.0, 0
+        try:
+            for m in range(max(len(p) for p in plans.values())):
+                active = [c for c in group if m < len(plans[c])]
+                idx = [i for c in active for i in plans[c][m][0]]
+                owner = torch.tensor([c for c in active for _ in plans[c][m][0]], device=self.device)
+                zt, noise, t = self._noisy(self._load_batch(train_data, idx, transform))
+                choice = torch.randint(len(self.templates), (len(idx),)).tolist()
+                ids = self._tokenize([self.templates[k].format(self.concept_tokens[int(c)])
+                                      for k, c in zip(choice, owner.tolist())]).to(self.device)
+                pred = self.unet(zt, t, encoder_hidden_states=self.text_encoder(ids)[0]).sample
+                per = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+                class_losses = [per[owner == c].mean() for c in active]
+                (torch.stack(class_losses).sum() / acc).backward()
+                total += float(sum(l.item() for l in class_losses))
+                count += len(active)
+                for c in active:
+                    if plans[c][m][1]:
+                        opts[c].step()
+                        opts[c].zero_grad(set_to_none=True)
+        finally:
+            for c in group:
+                self.concepts.rows[c].requires_grad_(False)
+                self.concepts.rows[c].grad = None
+        return total / max(count, 1)
+
+    def _fit_stage2(self, train_data, out_dir: Path | None, resume: bool, progress: bool) -> dict:
+        from wsolbench.training import get_rng_state, set_rng_state
+
+        cfg = self.config["train"]["stage2"]
+        bs, acc, steps = int(cfg["batch_size"]), int(cfg["grad_accum"]), int(cfg["steps"])
+        lr = float(cfg["lr"]) * (bs * acc if cfg["scale_lr"] else 1)
+        self.unet.train().requires_grad_(True)
+        opt = torch.optim.AdamW(self.unet.parameters(), lr=lr, betas=tuple(cfg["betas"]),
+                                weight_decay=float(cfg["weight_decay"]), eps=float(cfg["eps"]))
+        state_path = out_dir / STAGE2_STATE if out_dir is not None else None
+        step = 0
+        if resume and state_path is not None and state_path.exists():
+            from diffusers import UNet2DConditionModel
+
+            st = torch.load(state_path, map_location="cpu", weights_only=True)
+            fresh = UNet2DConditionModel.from_pretrained(str(out_dir / "unet"), local_files_only=True)
+            self.unet.load_state_dict(fresh.state_dict())
+            if st.get("optimizer") is not None:
+                opt.load_state_dict(st["optimizer"])
+            set_rng_state(st["rng"])
+            step = int(st["step"])
+        n = len(train_data)
+        transform = self._train_transform()
+        ratio = float(cfg["representative_ratio"])
+        seed = int(self.config["train"]["seed"])
+        t0, losses = time.time(), []
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=steps, initial=step, desc="genpromp stage 2 (U-Net)", leave=False, dynamic_ncols=True)
+        while step < steps:
+            opt.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for a in range(acc):
+                micro = step * acc + a  # a global micro-batch index: the data order needs no state
+                epoch, pos = divmod(micro * bs, n)
+                order = np.random.default_rng([seed, 2, epoch]).permutation(n)
+                idx = [int(order[(pos + j) % n]) for j in range(min(bs, n))]
+                zt, noise, t = self._noisy(self._load_batch(train_data, idx, transform))
+                labels = [train_data[i].label for i in idx]
+                choice = torch.randint(len(self.templates), (len(idx),)).tolist()
+                with torch.no_grad():
+                    f_r = self.encode_texts([self.templates[k].format(self.concept_tokens[c])
+                                             for k, c in zip(choice, labels)])
+                    f_d = self.encode_texts([self.templates[k].format(self.meta_tokens[c])
+                                             for k, c in zip(choice, labels)])
+                cond = ratio * f_r + (1 - ratio) * f_d
+                pred = self.unet(zt, t, encoder_hidden_states=cond).sample
+                loss = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3)).mean()
+                (loss / acc).backward()
+                step_loss += loss.item() / acc
+            opt.step()
+            step += 1
+            losses.append(step_loss)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+            if out_dir is not None and (step % int(cfg["save_steps"]) == 0 or step == steps):
+                # the final state drops the optimizer (2x the U-Net): nothing is left to resume
+                self._save_stage2(out_dir, opt if step < steps else None, step, get_rng_state())
+        if bar is not None:
+            bar.close()
+        self.unet.eval().requires_grad_(False)
+        self.unet_finetuned = True
+        return {"steps": steps, "lr": lr, "mean_loss": float(np.mean(losses)) if losses else None,
+                "time_s": round(time.time() - t0, 2)}
+
+    def _save_stage2(self, out_dir: Path, opt, step: int, rng: dict) -> None:
+        import shutil
+
+        from wsolbench.io import atomic_path
+
+        tmp = out_dir / "unet.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        self.unet.save_pretrained(str(tmp))
+        final = out_dir / "unet"
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        with atomic_path(out_dir / STAGE2_STATE) as p:
+            torch.save({"step": step, "optimizer": None if opt is None else opt.state_dict(), "rng": rng}, p)
