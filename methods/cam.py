@@ -14,9 +14,9 @@ Backbones (the WSOL-standard variants of wsolevaluation, Choe et al. CVPR 2020, 
   extra max-pool → 14×14) + two 3×3 convs (768→1024→1024) with dropout 0.5, as in wsolevaluation.
 * ``tiny``: a small BN-ReLU CNN trained from scratch (stride 8) for CPU demos and tests.
 
-ImageNet weights (profile ``paper``) are loaded in ``fit`` (not when only rebuilding a trained model) from a
-local path or the torchvision file in WSOLBENCH_WEIGHTS / the torch hub cache, never downloaded; a missing file
-raises an error naming the file and where to put it.
+ImageNet weights (profile ``paper``) are loaded in ``fit`` (not when only rebuilding a trained model) through
+``wsolbench.weights`` (a local path, WSOLBENCH_WEIGHTS or the torch hub cache; never downloaded); missing weights
+raise ``MissingWeightsError`` naming the file, the places searched and the command that fetches it.
 
 Training: cross-entropy (single-label) or multi-label soft margin (VOC/COCO) — decided from
 ``train_data.multi_label`` unless ``train.loss`` says otherwise; SGD with a higher learning rate on the new
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,22 +36,15 @@ from torch import nn
 
 from wsolbench.localizer import Capability, InputError, Localizer, LocalizerOutput
 from wsolbench.registry import register_method
+from wsolbench.weights import MissingWeightsError  # noqa: F401  (re-exported: what fit() raises)
 
 log = logging.getLogger(__name__)
 
 BACKBONES = ("vgg16", "resnet50", "inceptionv3", "tiny")
 VARIANTS = ("cam", "gradcam")
-# torchvision ImageNet checkpoints accepted for each backbone (first = the current torchvision file name)
-TORCHVISION_FILES: dict[str, tuple[str, ...]] = {
-    "vgg16": ("vgg16-397923af.pth",),
-    "resnet50": ("resnet50-0676ba61.pth", "resnet50-19c8e357.pth", "resnet50-11ad3fa6.pth"),
-    "inceptionv3": ("inception_v3_google-0cc3c7bd.pth", "inception_v3_google-1a9a5a14.pth"),
-}
-TORCHVISION_URLS = {
-    "vgg16": "https://download.pytorch.org/models/vgg16-397923af.pth",
-    "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
-    "inceptionv3": "https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth",
-}
+# names of the ImageNet checkpoints in the weights catalogue (wsolbench.weights: torchvision files
+# vgg16-397923af.pth, resnet50-0676ba61.pth, inception_v3_google-0cc3c7bd.pth)
+WEIGHT_NAMES = {"vgg16": "vgg16", "resnet50": "resnet50", "inceptionv3": "inception-v3"}
 # parameter-name prefixes trained with lr × lr_classifier_mult (wsolevaluation main.py: for ResNet50 layer4
 # counts as "classifier"; for VGG16/InceptionV3 every non-pretrained layer does)
 DEFAULT_CLASSIFIER_PREFIXES = {
@@ -61,10 +53,6 @@ DEFAULT_CLASSIFIER_PREFIXES = {
     "inceptionv3": ("head.", "fc."),
     "tiny": ("head.", "fc."),
 }
-
-
-class MissingWeightsError(FileNotFoundError):
-    """ImageNet weights for the paper profile are not on disk; the message names the file and the places."""
 
 
 # ----------------------------------------------------------------------------------------------- network
@@ -192,14 +180,18 @@ class InceptionV3Trunk(nn.Module):
 class TinyTrunk(nn.Sequential):
     """Conv-BN-ReLU stages (``convs`` per stage, the first with the stage's stride)."""
 
-    def __init__(self, widths: Sequence[int], strides: Sequence[int], convs: int = 1) -> None:
-        if len(widths) != len(strides):
-            raise ValueError(f"tiny.widths {list(widths)} and tiny.strides {list(strides)} differ in length")
+    def __init__(self, widths: Sequence[int], strides: Sequence[int], convs: int = 1,
+                 dilations: Sequence[int] | None = None) -> None:
+        dilations = list(dilations) if dilations else [1] * len(widths)
+        if not len(widths) == len(strides) == len(dilations):
+            raise ValueError(f"tiny.widths {list(widths)}, tiny.strides {list(strides)} and tiny.dilations "
+                             f"{dilations} must have the same length")
         layers: list[nn.Module] = []
         cin = 3
-        for w, s in zip(widths, strides):
+        for w, s, d in zip(widths, strides, dilations):
             for j in range(max(1, int(convs))):
-                layers += [nn.Conv2d(cin, int(w), 3, stride=int(s) if j == 0 else 1, padding=1, bias=False),
+                layers += [nn.Conv2d(cin, int(w), 3, stride=int(s) if j == 0 else 1, padding=int(d),
+                                     dilation=int(d), bias=False),
                            nn.BatchNorm2d(int(w)), nn.ReLU(inplace=True)]
                 cin = int(w)
         super().__init__(*layers)
@@ -231,7 +223,7 @@ def build_cam_net(cfg: dict, num_classes: int) -> CAMNet:
     elif name == "tiny":
         t = cfg.get("tiny") or {}
         backbone = TinyTrunk(t.get("widths", (32, 64, 128, 128)), t.get("strides", (2, 2, 2, 1)),
-                             t.get("convs_per_stage", 1))
+                             t.get("convs_per_stage", 1), t.get("dilations"))
         dim = backbone.out_channels
         head_channels = 256 if head_channels is None else int(head_channels)
         head = nn.Sequential(nn.Conv2d(dim, head_channels, 3, padding=1), nn.ReLU(inplace=False)) \
@@ -245,66 +237,33 @@ def build_cam_net(cfg: dict, num_classes: int) -> CAMNet:
 
 
 # ------------------------------------------------------------------------------------------ ImageNet weights
-def imagenet_weight_candidates(backbone: str) -> list[Path]:
-    """Where a torchvision ImageNet checkpoint of ``backbone`` is looked for, in order."""
-    from wsolbench.paths import weights_dir
-
-    dirs: list[Path] = []
-    wd = weights_dir()
-    if wd is not None:
-        dirs += [wd, wd / "torchvision"]
-    torch_home = Path(os.environ.get("TORCH_HOME", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-                                     / "torch")).expanduser()
-    dirs.append(torch_home / "hub" / "checkpoints")
-    return [d / f for d in dirs for f in TORCHVISION_FILES.get(backbone, ())]
-
-
 def resolve_imagenet_weights(backbone: str, spec: Any) -> Path:
-    """``spec``: a file path, or ``imagenet``/``torchvision`` (search the weights dir and the torch cache)."""
+    """The ImageNet checkpoint for ``backbone`` via ``wsolbench.weights`` (offline; WSOLBENCH_WEIGHTS, then the
+    torch hub cache). ``spec``: ``imagenet`` (or ``torchvision``/``true``) to search, or a file/folder path.
+    Missing weights raise ``MissingWeightsError`` naming the expected file, the places searched and the
+    command that fetches it."""
+    from wsolbench import weights
+
     if spec in (None, False, "", "none"):
         raise ValueError("no pretrained weights requested")
-    try:  # the shared resolver, where present
-        from wsolbench import weights as _weights  # type: ignore[attr-defined]
-    except ImportError:
-        _weights = None
-    text = str(spec)
-    if text.lower() not in ("imagenet", "torchvision", "true"):
-        path = Path(text).expanduser()
-        if path.is_file():
-            return path
-        raise MissingWeightsError(f"CAM pretrained weights file {path} does not exist (config key 'pretrained')")
-    if backbone not in TORCHVISION_FILES:
+    if backbone not in WEIGHT_NAMES:
         raise ValueError(f"backbone {backbone!r} has no ImageNet weights; set pretrained: null")
-    candidates = imagenet_weight_candidates(backbone)
-    for c in candidates:
-        if c.is_file():
-            return c
-    if _weights is not None and hasattr(_weights, "resolve"):
-        try:
-            return Path(_weights.resolve(f"torchvision/{TORCHVISION_FILES[backbone][0]}"))
-        except Exception:  # noqa: BLE001 - fall through to our own message
-            pass
-    first = TORCHVISION_FILES[backbone][0]
-    places = "\n  ".join(str(c.parent) for c in candidates[:: max(1, len(TORCHVISION_FILES[backbone]))])
-    raise MissingWeightsError(
-        f"ImageNet weights for CAM backbone {backbone!r} not found: expected the torchvision file {first} "
-        f"(from {TORCHVISION_URLS[backbone]}) in one of\n  {places}\n"
-        f"Download it on a machine with internet access and copy it there (set WSOLBENCH_WEIGHTS to choose "
-        f"the folder), or set 'pretrained: /path/to/{first}' in the config; 'pretrained: null' trains from "
-        f"scratch.")
+    text = str(spec)
+    if text.lower() in ("imagenet", "torchvision", "true"):
+        return weights.resolve(WEIGHT_NAMES[backbone])
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise MissingWeightsError(f"CAM pretrained weights {path} do not exist (config key 'pretrained'); "
+                                  f"use 'imagenet' to search the weights dir and the torch cache")
+    return weights.resolve(WEIGHT_NAMES[backbone], path)
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from wsolbench.weights import load_state_dict
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state_dict (name → tensor), got {type(state).__name__}")
-    return {k.removeprefix("module."): v for k, v in state.items() if torch.is_tensor(v)}
+    return load_state_dict(path, strip_prefix="module.")
 
 
 def load_imagenet(net: CAMNet, backbone: str, path: Path) -> list[str]:
@@ -399,6 +358,7 @@ class CAM(Localizer):
         if not self.class_names:
             self.class_names = names
         self.config["multi_label"] = loss_name == "mlsm"
+        self.config["num_classes"] = len(self.class_names)
         if self.num_classes != len(self.class_names):
             self.model = self._build(len(self.class_names))
 

@@ -170,7 +170,7 @@ def test_imagenet_weights_load_and_missing_file_message(isolated_env):
     with pytest.raises(MissingWeightsError) as exc:
         resolve_imagenet_weights("resnet50", "imagenet")
     msg = str(exc.value)
-    assert "resnet50-0676ba61.pth" in msg and str(isolated_env / "weights") in msg
+    assert "resnet50-0676ba61.pth" in msg and str(isolated_env / "weights") in msg and "fetch" in msg
     with pytest.raises(MissingWeightsError, match="nope.pth"):
         resolve_imagenet_weights("vgg16", str(isolated_env / "nope.pth"))
 
