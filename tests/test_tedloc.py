@@ -1,0 +1,373 @@
+"""TeD-Loc (methods/tedloc.py) on random-init micro zoo models: anchors, sampling, losses, training, inference."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import wsolbench.methods.tedloc as T
+from wsolbench.datasets.base import Sample
+from wsolbench.config import load_method_config
+
+NAMES = ["star", "heart", "ring", "cross"]
+MICRO = ["encoder.source=zoo-random", "encoder.scale=micro", "clip.source=zoo-random", "clip.scale=micro",
+         "input_size=32", "pseudo_labels.clip_input_size=32", "decoder.hidden_dim=16", "train.resize_size=36",
+         "train.crop_size=32", "train.batch_size=4", "train.epochs=1", "sampling.per_step=8"]
+
+
+def micro_cfg(*extra: str) -> dict:
+    return load_method_config("tedloc", "tiny", "cub", MICRO + list(extra))
+
+
+@pytest.fixture
+def method(isolated_env):
+    torch.manual_seed(0)
+    return T.TeDLoc.from_config(micro_cfg(), class_names=NAMES)
+
+
+class _Scenes:
+    """A minimal WSOL dataset of synthetic single-object scenes written as PNG files."""
+
+    registry_name = "test-scenes"
+
+    def __init__(self, root: Path, n: int = 8, size: int = 48) -> None:
+        from PIL import Image
+
+        from wsolbench.datasets.synthetic import render_scene
+
+        self.root = root
+        self.class_names = list(NAMES)
+        self.samples = []
+        root.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            scene = render_scene(100 + i, size=(size, size), classes=[i % len(NAMES)])
+            path = root / f"img{i}.png"
+            Image.fromarray(scene.image).save(path)
+            o = scene.objects[0]
+            self.samples.append(Sample(image_id=f"img{i}.png", image_path=path, size=(size, size),
+                                       labels=(o.class_index,), boxes=o.box[None].astype(np.float32)))
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return self.samples[i]
+
+    def __iter__(self):
+        return iter(self.samples)
+
+
+# ------------------------------------------------------------------------------------------ anchors
+def test_qr_anchors_are_orthonormal_and_keep_class_order():
+    torch.manual_seed(0)
+    text = F.normalize(torch.randn(5, 16) + 2.0, dim=1)  # correlated, like CLIP class embeddings
+    a = T.orthogonalize_anchors(text)
+    torch.testing.assert_close(a @ a.T, torch.eye(5), atol=1e-5, rtol=0)
+    r = a @ text.T  # anchor k · t_j: Gram–Schmidt in class order → upper triangular, positive diagonal
+    assert torch.all(torch.diagonal(r) > 0)
+    torch.testing.assert_close(torch.tril(r, -1), torch.zeros(5, 5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(a[0], text[0], atol=1e-5, rtol=0)  # the first class is unchanged
+    assert torch.equal(torch.argmax(r, dim=0)[:1], torch.tensor([0]))
+    perm = [2, 0, 1, 4, 3]  # the anchors follow the class order given
+    torch.testing.assert_close(T.orthogonalize_anchors(text[perm])[0], text[2], atol=1e-5, rtol=0)
+
+
+def test_more_classes_than_dimensions_whitens_with_a_warning():
+    text = torch.randn(12, 4)
+    with pytest.warns(RuntimeWarning, match="orthonormal"):
+        a = T.orthogonalize_anchors(text)
+    torch.testing.assert_close(a.norm(dim=1), torch.ones(12), atol=1e-5, rtol=0)
+
+
+def test_anchors_from_clip_and_the_orthogonalisation_switch(method):
+    clip, tok = method.load_clip()
+    a = method.build_anchors(clip, tok)
+    torch.testing.assert_close(a @ a.T, torch.eye(4), atol=1e-5, rtol=0)
+    assert torch.equal(method.head.anchors, a) and method.head.anchors_ready.item() == 1
+    raw = T.TeDLoc.from_config(micro_cfg("anchors.orthogonalize=false"), class_names=NAMES)
+    b = raw.build_anchors(clip, tok)
+    torch.testing.assert_close(b.norm(dim=1), torch.ones(4))
+    assert not torch.allclose(b @ b.T, torch.eye(4), atol=1e-3)  # CLIP class embeddings are correlated
+    torch.testing.assert_close(a[0], b[0], atol=1e-5, rtol=0)
+    assert "head.anchors" in method.state_dict()
+
+
+# ----------------------------------------------------------------------------------- pseudo-label sampling
+def _square_cam(n: int = 20) -> np.ndarray:
+    cam = np.full((n, n), 0.05, np.float32)
+    cam[5:13, 6:14] = 0.9
+    cam[7:11, 8:12] = 1.0
+    cam[0, 0] = 0.0
+    return cam + np.linspace(0, 0.01, n * n, dtype=np.float32).reshape(n, n)
+
+
+def test_otsu_candidates_lie_in_the_right_regions():
+    cam = _square_cam()
+    region, core = T.otsu_regions(cam, erosion=3)
+    assert region[5:13, 6:14].all() and region.sum() == 64
+    assert core.sum() == 36 and core[6:12, 7:13].all()  # 3×3 erosion of the 8×8 square
+    fg, bg = T.fg_bg_candidates(cam, n_fg=10, n_bg=30, erosion=3)
+    assert len(fg) == 10 and len(bg) == 30
+    inside = np.zeros_like(region)
+    inside[5:13, 6:14] = True
+    assert core.ravel()[fg].all()
+    assert not inside.ravel()[bg].any()
+    assert cam.ravel()[fg].min() >= cam.ravel()[np.flatnonzero(core)].max() - 0.2  # the top activations
+    assert bg[0] == 0  # the lowest cell first
+    fg_all, bg_all = T.fg_bg_candidates(cam)  # 0 = every cell of the sets
+    assert len(fg_all) == 64 and len(bg_all) == 400 - 64
+
+
+def test_balanced_sampling_resamples_and_pads():
+    cam = _square_cam()
+    fg, bg = T.fg_bg_candidates(cam, n_fg=12, n_bg=0, erosion=1)
+    g = torch.Generator().manual_seed(0)
+    f1, b1 = T.sample_balanced(fg, bg, 8, g)
+    assert (f1 >= 0).sum() == (b1 >= 0).sum() == 8
+    assert set(f1.tolist()) <= set(fg.tolist()) and set(b1.tolist()) <= set(bg.tolist())
+    f2, _ = T.sample_balanced(fg, bg, 8, g)
+    assert set(f1.tolist()) != set(f2.tolist())  # re-sampled at every step
+    f3, b3 = T.sample_balanced(fg, bg, 20, g)  # fewer FG candidates than asked: still equal numbers
+    assert (f3 >= 0).sum() == (b3 >= 0).sum() == 12 and (f3 == -1).sum() == 8
+    flat = np.zeros((10, 10), np.float32)  # constant map: no FG, nothing sampled
+    fg0, bg0 = T.fg_bg_candidates(flat)
+    assert len(fg0) == len(bg0) == 0
+    f4, b4 = T.sample_balanced(fg0, bg0, 4)
+    assert (f4 == -1).all() and (b4 == -1).all()
+    assert T.erosion_on_grid(11, 224, 64) == 3 and T.erosion_on_grid(11, 224, 224) == 11
+    assert T.erosion_on_grid(1, 224, 64) == 1
+
+
+# ----------------------------------------------------------------------------------------- model / losses
+def test_h_is_the_g_weighted_mean_of_z():
+    torch.manual_seed(0)
+    z = torch.randn(2, 6, 4, 5)
+    g_logit = torch.randn(2, 1, 4, 5)
+    h = T.global_embedding(z, g_logit)
+    p = torch.sigmoid(g_logit)
+    manual = torch.stack([(z[b] * p[b]).sum((1, 2)) / p[b].sum() for b in range(2)])
+    torch.testing.assert_close(h, manual, rtol=1e-5, atol=1e-6)
+    big = torch.full((1, 1, 4, 5), -30.0)
+    big[0, 0, 1, 2] = 30.0  # g ≈ one-hot → h ≈ that cell's z
+    torch.testing.assert_close(T.global_embedding(z[:1], big), z[:1, :, 1, 2], rtol=1e-4, atol=1e-4)
+
+
+def _loss_setup(scale: float):
+    anchors = torch.eye(3, 8)
+    head_scores = lambda v: v @ anchors.T  # noqa: E731
+    b, hw = 2, (4, 4)
+    labels = torch.tensor([1, 2])
+    z = torch.zeros(b, 8, *hw)
+    g = torch.full((b, 1, *hw), -scale)  # unsampled cells are background too
+    fg = torch.tensor([[0, 1, -1], [5, 6, 7]])
+    bg = torch.tensor([[15, 14, -1], [10, 11, 12]])
+    for i in range(b):
+        for c in fg[i][fg[i] >= 0]:
+            z[i, :, c // 4, c % 4] = scale * anchors[labels[i]]
+            g[i, 0, c // 4, c % 4] = scale
+    out = {"z": z, "g_logit": g, "h": T.global_embedding(z, g)}
+    return out, labels, fg, bg, head_scores
+
+
+def test_each_loss_is_minimal_where_it_should_be():
+    cfg = {"kd": True, "pcl": True, "icl": True, "lambda_kd": 1.0, "lambda_pcl": 1.0, "lambda_icl": 1.0}
+    good = T.tedloc_losses(*_loss_setup(40.0), cfg)
+    for k in ("l_kd", "p_cl", "i_cl", "loss"):
+        assert float(good[k]) < 1e-5, (k, float(good[k]))
+    weak = T.tedloc_losses(*_loss_setup(0.5), cfg)
+    for k in ("l_kd", "p_cl", "i_cl"):
+        assert float(weak[k]) > 0.1
+    out, labels, fg, bg, scores = _loss_setup(40.0)
+    wrong = T.tedloc_losses(out, torch.tensor([0, 0]), fg, bg, scores, cfg)  # wrong class: KD and I_CL grow
+    assert float(wrong["l_kd"]) > 10 and float(wrong["i_cl"]) > 10 and float(wrong["p_cl"]) < 1e-6
+    flipped = T.tedloc_losses(out, labels, bg, fg, scores, cfg)  # FG/BG swapped: P_CL grows
+    assert float(flipped["p_cl"]) > 10
+    # switches and λs: the total is the weighted sum of the enabled terms
+    w = T.tedloc_losses(*_loss_setup(0.5), {"kd": True, "pcl": False, "icl": True, "lambda_kd": 0.5,
+                                            "lambda_icl": 0.25})
+    torch.testing.assert_close(w["loss"], 0.5 * w["l_kd"] + 0.25 * w["i_cl"])
+    none = torch.full((2, 3), -1)  # no sampled cells: the cell losses vanish, I_CL remains
+    e = T.tedloc_losses(out, labels, none, none, scores, cfg)
+    assert float(e["l_kd"]) == 0 and float(e["p_cl"]) == 0 and torch.isfinite(e["loss"])
+
+
+def test_one_training_step_lowers_the_loss(method):
+    clip, tok = method.load_clip()
+    method.build_anchors(clip, tok)
+    torch.manual_seed(0)
+    n = method.grid[0] * method.grid[1]
+    batch = {"image": torch.randn(4, 3, 32, 32), "label": torch.tensor([0, 1, 2, 3]),
+             "fg_idx": torch.randint(0, n // 2, (4, 8)), "bg_idx": torch.randint(n // 2, n, (4, 8))}
+    opt, _ = method.make_optimizer()
+    method.head.train()
+    before = method.training_step(batch)
+    opt.zero_grad()
+    before["loss"].backward()
+    opt.step()
+    with torch.no_grad():
+        after = method.training_step(batch)
+    assert after["loss"].item() < before["loss"].item()
+    assert all(p.grad is None for p in method.encoder.parameters())  # the encoder stays frozen
+
+
+def test_inference_needs_no_labels_and_save_load_needs_no_text_encoder(method, tmp_path, monkeypatch):
+    from PIL import Image
+
+    clip, tok = method.load_clip()
+    method.build_anchors(clip, tok)
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)) for _ in range(3)]
+    out = method.localize(imgs)
+    h, w = method.grid
+    assert out.maps.shape == (3, 1, h, w) and out.logits.shape == (3, 4)
+    assert out.classes == [[int(c)] for c in out.logits.argmax(1)]
+    assert float(out.maps.min()) >= 0 and float(out.maps.max()) <= 1  # g is a probability
+    assert out.extras["zp_dot_t"].shape == (3, 1, h, w)
+    gt = method.localize(imgs, classes=[[0, 3]] * 3)  # GT-known: one channel per queried class
+    assert gt.maps.shape == (3, 2, h, w) and gt.extras["zp_dot_t"].shape == (3, 2, h, w)
+    torch.testing.assert_close(gt.maps[:, 0], gt.maps[:, 1])  # g is class-agnostic
+    torch.testing.assert_close(gt.logits, out.logits)
+    method.save(tmp_path / "ckpt")
+    monkeypatch.setattr(T.TeDLoc, "load_clip", lambda self: pytest.fail("inference must not load CLIP"))
+    again = T.TeDLoc.load(tmp_path / "ckpt")
+    out2 = again.localize(imgs)
+    torch.testing.assert_close(out2.maps, out.maps)
+    torch.testing.assert_close(out2.logits, out.logits)
+    up = T.TeDLoc.from_config(micro_cfg("inference.map=zp_dot_t", "inference.map_size=32"), class_names=NAMES)
+    up.load_state_dict(method.state_dict())
+    o3 = up.localize(imgs)
+    assert o3.maps.shape == (3, 1, 32, 32) and set(o3.extras) == {"g"}
+
+
+def test_fit_caches_pseudo_labels_and_resumes(isolated_env, monkeypatch):
+    from wsolbench.clip_gradcam import ClipGradCAM
+
+    data = _Scenes(isolated_env / "scenes", n=8)
+    torch.manual_seed(0)
+    m = T.TeDLoc.from_config(micro_cfg("train.epochs=2"), class_names=NAMES)
+    calls = []
+    real_call = ClipGradCAM.__call__
+    monkeypatch.setattr(ClipGradCAM, "__call__", lambda self, *a, **k: calls.append(1) or real_call(self, *a, **k))
+    res = m.fit(data, out_dir=isolated_env / "run", progress=False)
+    assert len(res["history"]) == 2 and all(np.isfinite(r["loss"]) for r in res["history"])
+    assert {"l_kd", "p_cl", "i_cl"} <= set(res["history"][0])
+    files = sorted(Path(res["pseudo_label_dir"]).rglob("*.npy"))
+    assert len(files) == 8 and (Path(res["pseudo_label_dir"]) / "settings.json").exists()
+    assert str(files[0]).startswith(str(isolated_env / "cache"))
+    cam = np.load(files[0])
+    assert cam.dtype == np.float16 and cam.shape == (4, 4) and 0 <= cam.min() and cam.max() <= 1
+    assert m.head.trained.item() == 1 and (isolated_env / "run" / "last.pt").exists()
+    n_calls = len(calls)
+    # a rerun reuses every cached map; resume=True with all epochs done trains nothing more
+    m2 = T.TeDLoc.from_config(micro_cfg("train.epochs=2"), class_names=NAMES)
+    res2 = m2.fit(data, out_dir=isolated_env / "run", resume=True, progress=False)
+    assert len(calls) == n_calls
+    assert res2["history"] == res["history"]
+    for k, v in m.head.state_dict().items():
+        torch.testing.assert_close(m2.head.state_dict()[k], v)
+    # other prompt settings → another cache folder
+    m3 = T.TeDLoc.from_config(micro_cfg("train.epochs=1", 'pseudo_labels.prompt=["a drawing of a {}."]'),
+                              class_names=NAMES)
+    res3 = m3.fit(data, out_dir=isolated_env / "run3", progress=False)
+    assert res3["pseudo_label_dir"] != res["pseudo_label_dir"] and len(calls) > n_calls
+
+
+def test_train_set_items_are_balanced_and_augmented_together(method, isolated_env):
+    data = _Scenes(isolated_env / "scenes", n=2)
+    cam = np.zeros((4, 4), np.float32)
+    cam[:, :2] = 1.0  # left half is FG
+    cache = isolated_env / "c.npy"
+    np.save(cache, cam.astype(np.float16))
+    ts = method.make_train_set(data, [cache, cache])
+    torch.manual_seed(0)
+    seen_flip = set()
+    for _ in range(6):
+        item = ts[0]
+        assert item["image"].shape == (3, 32, 32)
+        f, b = item["fg_idx"], item["bg_idx"]
+        assert (f >= 0).sum() == (b >= 0).sum() > 0
+        cols_f = (f[f >= 0] % method.grid[1]).float().mean()
+        cols_b = (b[b >= 0] % method.grid[1]).float().mean()
+        seen_flip.add(bool(cols_f > cols_b))  # FG left of BG, or right after a flip
+    assert seen_flip == {True, False}
+
+
+def test_paper_profile_config_and_missing_weights(isolated_env, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cub = load_method_config("tedloc", "paper", "cub")
+    ils = load_method_config("tedloc", "paper", "ilsvrc")
+    assert cub["encoder"]["source"] == "timm" and "eva" in cub["encoder"]["name"]
+    assert cub["clip"]["name"] == "ViT-B-16" and cub["train"]["optimizer"] == "sgd"
+    assert (cub["train"]["epochs"], cub["train"]["batch_size"]) == (50, 16)
+    assert (ils["train"]["epochs"], ils["train"]["batch_size"]) == (10, 32)
+    assert cub["anchors"]["orthogonalize"] is True and cub["input_size"] == 224
+    from wsolbench.weights import MissingWeightsError
+
+    with pytest.raises(MissingWeightsError, match="weights fetch"):
+        T.TeDLoc.from_config(cub, class_names=NAMES)
+    bad = load_method_config("tedloc", "paper", "cub", ["encoder.weights=/nonexistent/eva.safetensors"])
+    with pytest.raises(MissingWeightsError, match="explicit path"):
+        T.TeDLoc.from_config(bad, class_names=NAMES)
+
+
+def test_registered_and_checks(method):
+    import wsolbench
+
+    assert wsolbench.registry.get_method_class("tedloc") is T.TeDLoc
+    assert T.TeDLoc.needs_training and "single" in {c.value for c in T.TeDLoc.capabilities}
+    bare = T.TeDLoc.from_config(micro_cfg(), class_names=[])  # e.g. for `wsolbench profile`
+    assert bare.head.anchors.shape[0] == 1
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        method.localize([np.zeros((32, 32, 3), np.uint8)])
+    assert any("no anchors" in str(x.message) for x in w)
+
+
+@pytest.mark.filterwarnings("ignore:TeD-Loc has no anchors")
+def test_profile_counts_the_encoder_and_head(method):
+    from wsolbench.profiling import profile_method
+
+    r = profile_method(method, input_size=32, n_images=2, device="cpu", warmup=1)
+    enc = sum(p.numel() for p in method.encoder.parameters())
+    head = sum(p.numel() for p in method.head.parameters())
+    assert r["params_inference"] == r["params_total"] == enc + head
+    assert r["ms_per_image"] > 0
+
+
+@pytest.mark.filterwarnings("ignore:TeD-Loc has no anchors")
+def test_pseudo_label_maps_as_a_diagnostic_variant(isolated_env):
+    m = T.TeDLoc.from_config(micro_cfg("inference.report_pseudo_labels=true"), class_names=NAMES)
+    imgs = [np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8) for i in range(2)]
+    out = m.localize(imgs, classes=[1, 2])
+    pl = out.extras["clip_gradcam"]
+    assert pl.shape == out.maps.shape and float(pl.min()) >= 0 and float(pl.max()) <= 1 + 1e-6
+    native = T.TeDLoc.from_config(micro_cfg("inference.report_pseudo_labels=true",
+                                            "pseudo_labels.clip_input_size=null"), class_names=NAMES)
+    assert native.localize(imgs, classes=[1, 2]).extras["clip_gradcam"].shape == out.maps.shape
+
+
+@pytest.mark.slow
+def test_paper_architecture_loads_a_448_checkpoint_at_224(isolated_env):
+    """The paper profile end to end on real-size modules: an EVA-02 ViT-L checkpoint saved at its native 448 px
+    (random weights standing in for the real file) loads through the weights resolver at 224 px."""
+    import timm
+    from safetensors.torch import save_file
+
+    name = "eva02_large_patch14_448.mim_m38m_ft_in22k_in1k"
+    ref = timm.create_model(name, pretrained=False, num_classes=0)
+    file = isolated_env / "eva.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(file))
+    cfg = load_method_config("tedloc", "paper", "cub", [f"encoder.weights={file}"])
+    m = T.TeDLoc.from_config(cfg, class_names=[f"c{i}" for i in range(200)])
+    assert m.encoder.grid == (16, 16) and m.grid == (64, 64) and m.text_dim == 512
+    got, want = m.encoder.model.state_dict(), ref.state_dict()
+    for key in ("patch_embed.proj.weight", "blocks.3.attn.proj.weight", "blocks.23.mlp.fc2.weight"):
+        torch.testing.assert_close(got[key], want[key])
+    assert got["pos_embed"].shape[1] == 1 + 16 * 16 and want["pos_embed"].shape[1] == 1 + 32 * 32
+    assert m.mean == tuple(float(v) for v in ref.pretrained_cfg["mean"])
+    feats = m.encoder(torch.zeros(1, 3, 224, 224))
+    assert feats.shape == (1, 1024, 16, 16)
