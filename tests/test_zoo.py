@@ -213,12 +213,28 @@ def test_micro_zoo_loads_through_library_apis(micro_zoo):
         assert zoo.load_backbone(kind, "micro", root=root, num_classes=0)(torch.rand(1, 3, 32, 32)).ndim == 2
 
 
-def test_build_is_deterministic(micro_zoo, tmp_path):
+def test_build_is_deterministic_and_tracks_dependencies(micro_zoo, tmp_path):
     root, _ = micro_zoo
     zoo.build_zoo("micro", out=tmp_path, seed=0, models=["vit"], progress=False)
-    a = (root / "backbones/vit/model.safetensors").read_bytes()
-    b = (tmp_path / "backbones/vit/model.safetensors").read_bytes()
-    assert a == b
+    for rel in ("backbones/vit/model.safetensors", "backbones/classifier/model.safetensors"):
+        assert (root / rel).read_bytes() == (tmp_path / rel).read_bytes()  # the teacher came along
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert set(manifest["models"]) == {"classifier", "vit"} and manifest["models"]["vit"]["built_from"] == ["classifier"]
+
+
+def test_vit_trunk_converts_exactly_to_clip_and_blip():
+    from wsolbench.zoo.convert import timm_vit_to_blip_vision, timm_vit_to_open_clip_visual
+
+    vit = zoo.create_backbone("vit", "micro", num_classes=10, seed=2)
+    clip, _ = zoo.create_clip("micro")
+    cap, _ = zoo.create_captioner("micro")
+    timm_vit_to_open_clip_visual(vit, clip.visual)
+    timm_vit_to_blip_vision(vit, cap.vision_model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = vit.forward_features(x)
+        assert torch.allclose(clip.visual(x), tokens[:, 0] @ clip.visual.proj, atol=1e-5)
+        assert torch.allclose(cap.vision_model(pixel_values=x).last_hidden_state, tokens, atol=1e-5)
 
 
 def test_ensure_zoo_builds_missing_or_names_the_command(isolated_env, monkeypatch, capsys):
@@ -228,7 +244,7 @@ def test_ensure_zoo_builds_missing_or_names_the_command(isolated_env, monkeypatc
     monkeypatch.setenv(zoo.AUTOBUILD_ENV, "1")
     root = zoo.ensure_zoo("micro", ["vgg"])
     assert root == isolated_env / "cache" / "zoo" / "micro"
-    assert "building the micro zoo models vgg" in capsys.readouterr().out
+    assert "building the micro zoo models classifier, vgg" in capsys.readouterr().out  # vgg is distilled
     assert zoo.zoo_status("micro")["vgg"]["built"] and not zoo.zoo_status("micro")["vit"]["built"]
     assert zoo.ensure_zoo("micro", ["vgg"]) == root  # already built: nothing to do
     assert "building" not in capsys.readouterr().out
@@ -237,7 +253,7 @@ def test_ensure_zoo_builds_missing_or_names_the_command(isolated_env, monkeypatc
     (root / "manifest.json").write_text(json.dumps(manifest))
     assert zoo.zoo_status("micro")["vgg"]["stale"]
     zoo.ensure_zoo("micro", ["vgg"])
-    assert "building the micro zoo models vgg" in capsys.readouterr().out
+    assert "building the micro zoo models vgg " in capsys.readouterr().out  # the classifier is still fresh
     assert not zoo.zoo_status("micro")["vgg"]["stale"]
     with pytest.raises(ValueError, match="unknown zoo model"):
         zoo.ensure_zoo("micro", ["nope"])

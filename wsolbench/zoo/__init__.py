@@ -99,8 +99,10 @@ def build_zoo(scale: str = "tiny", *, out: str | Path | None = None, seed: int =
               models: Iterable[str] | str | None = None, progress: bool = True, force: bool = True) -> dict:
     """Train and save all (or the named) zoo models; returns {model: quality figures} and writes
     ``manifest.json`` atomically. ``out`` overrides the root folder (default :func:`zoo_root`).
-    The diffusion model's text encoder is the zoo CLIP's text tower, so building ``diffusion`` also
-    builds ``clip`` if that is missing. ``force=False`` skips models already built with this seed."""
+    Models are built from others (``build.DEPENDS``): the ViT is distilled from the CNN ``classifier``,
+    CLIP's and BLIP's image towers start from the ViT, the diffusion text encoder is CLIP's text tower;
+    a dependency missing from the root is built too. ``force=False`` skips models already built (same
+    seed and recipe)."""
     from .build import build
 
     return build(check_scale(scale), root=Path(out) if out is not None else zoo_root(scale), seed=seed,
@@ -115,7 +117,7 @@ def ensure_zoo(scale: str = "tiny", models: Iterable[str] | str | None = None, *
     raises :class:`ZooMissingError` naming the command that builds it.
     """
     from .build import build as _build
-    from .build import is_built, read_manifest, zoo_lock
+    from .build import is_built, read_manifest, with_dependencies, zoo_lock
 
     scale = check_scale(scale)
     root = Path(root) if root is not None else zoo_root(scale)
@@ -134,7 +136,8 @@ def ensure_zoo(scale: str = "tiny", models: Iterable[str] | str | None = None, *
         manifest = read_manifest(root)  # another process may have built it meanwhile
         missing = [m for m in wanted if not is_built(m, root, manifest, scale)]
         if missing:
-            print(f"[wsolbench zoo] building the {scale} zoo models {', '.join(missing)} into {root} "
+            todo = [m for m in with_dependencies(missing) if m in missing or not is_built(m, root, manifest, scale)]
+            print(f"[wsolbench zoo] building the {scale} zoo models {', '.join(todo)} into {root} "
                   f"(same as `{build_command(scale, missing)}`)", flush=True)
             _build(scale, root=root, seed=seed, models=missing, progress=True, force=False, lock=False)
     return root

@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from .data import to_tensor
 from .specs import IMAGENET_MEAN, IMAGENET_STD, OPENAI_MEAN, OPENAI_STD, spec
 
 MANIFEST = "manifest.json"
@@ -36,23 +37,23 @@ FORMAT_VERSION = 1
 TRAIN: dict[str, dict] = {
     "micro": {
         "pool": 96, "test": 32,
-        "clip": dict(steps=4, batch=16, lr=1e-3),
+        "classifier": dict(steps=3, batch=16, lr=3e-3),
+        "vit": dict(steps=3, batch=16, lr=1e-3),
+        "clip": dict(steps=3, batch=16, lr=1e-3, w_labels=0.5, visual_lr_mult=0.5),
+        "captioner": dict(steps=3, batch=16, lr=1e-3, vision_lr_mult=0.3),
+        "vgg": dict(steps=3, batch=16, lr=1e-3),
         "vae": dict(steps=3, batch=8, lr=1e-3),
         "unet": dict(steps=3, batch=8, lr=1e-3),
-        "captioner": dict(steps=4, batch=16, lr=1e-3),
-        "vit": dict(steps=3, batch=16, lr=1e-3),
-        "vgg": dict(steps=3, batch=16, lr=1e-3),
-        "classifier": dict(steps=3, batch=16, lr=1e-3),
     },
     "tiny": {
         "pool": 8000, "test": 500,
-        "clip": dict(steps=450, batch=64, lr=1e-3),
+        "classifier": dict(steps=600, batch=64, lr=3e-3, wd=0.01),
+        "vit": dict(steps=2000, batch=64, lr=1e-3, w_feat=1.0),
+        "clip": dict(steps=400, batch=64, lr=5e-4, w_labels=0.5, visual_lr_mult=0.5),
+        "captioner": dict(steps=300, batch=64, lr=1e-3, vision_lr_mult=0.3),
+        "vgg": dict(steps=500, batch=64, lr=1e-3),
         "vae": dict(steps=200, batch=16, lr=1e-3),
         "unet": dict(steps=450, batch=32, lr=1e-3),
-        "captioner": dict(steps=300, batch=64, lr=1e-3),
-        "vit": dict(steps=300, batch=64, lr=1e-3),
-        "vgg": dict(steps=200, batch=64, lr=5e-4),
-        "classifier": dict(steps=300, batch=64, lr=2e-3),
     },
 }
 
@@ -93,16 +94,38 @@ def _required_files(model: str) -> tuple[str, ...]:
     return ("config.json", "model.safetensors")
 
 
+# Build order and what each model is initialised or distilled from.
+BUILD_ORDER = ("classifier", "vit", "clip", "captioner", "vgg", "diffusion")
+DEPENDS = {"vit": ("classifier",), "vgg": ("classifier",), "clip": ("vit",), "captioner": ("vit",),
+           "diffusion": ("clip",)}
+
+
+def with_dependencies(models) -> list[str]:
+    """``models`` plus everything they are built from, in build order."""
+    need: set[str] = set()
+
+    def add(m: str) -> None:
+        if m not in need:
+            need.add(m)
+            for d in DEPENDS.get(m, ()):
+                add(d)
+
+    for m in models:
+        add(m)
+    return [m for m in BUILD_ORDER if m in need]
+
+
 def recipe(scale: str, model: str) -> str:
-    """A short hash of everything that defines a zoo model (format, sizes, training budget): a manifest
-    entry with another recipe is stale and gets rebuilt by ``ensure_zoo``."""
+    """A short hash of everything that defines a zoo model (format, sizes, training budget, and the recipes
+    of the models it is built from): a manifest entry with another recipe is stale and gets rebuilt."""
     import hashlib
 
-    parts = {"clip": ["clip"], "diffusion": ["clip", "vae", "unet"], "captioner": ["captioner"]}.get(model, [model])
+    parts = {"diffusion": ["vae", "unet"]}.get(model, [model])
     budget = TRAIN[scale]
     blob = {"format": FORMAT_VERSION, "pool": budget["pool"], "test": budget["test"],
             "spec": {p: spec(scale, p) for p in parts},
-            "train": {p: budget[p] for p in parts}}
+            "train": {p: budget[p] for p in parts},
+            "deps": {d: recipe(scale, d) for d in DEPENDS.get(model, ())}}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -262,35 +285,73 @@ def _seed_torch(seed: int, tag: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------- models
-def train_clip(scale: str, pool, test, seed: int, prog: _Progress):
+def _param_groups(named_params, base_lr: float, wd: float, mults: dict[str, float]):
+    """AdamW groups: no decay on norms/biases/embeddings; lr multipliers by parameter-name prefix."""
+    groups: dict[tuple, dict] = {}
+    for n, p in named_params:
+        if not p.requires_grad:
+            continue
+        mult = next((m for prefix, m in mults.items() if n.startswith(prefix)), 1.0)
+        decay = not (p.ndim <= 1 or "embedding" in n or "logit_scale" in n or "pos" in n or "cls" in n)
+        key = (mult, decay)
+        g = groups.setdefault(key, {"params": [], "weight_decay": wd if decay else 0.0, "lr_mult": mult})
+        g["params"].append(p)
+    return list(groups.values())
+
+
+def _set_lr_groups(opt, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr * g.get("lr_mult", 1.0)
+
+
+def train_clip(scale: str, pool, test, seed: int, prog: _Progress, vit=None):
+    """Contrastive image-caption training (multi-positive: identical captions in a batch are all positives)
+    plus a UniCL-style image-label term: each single-object image against the 10 class prompts
+    "a photo of a {class}". The image tower starts from the zoo ViT (``vit``) when given."""
     import torch
     import torch.nn.functional as F
 
     from .clip import create_clip
-    from .data import PROMPT, clip_text_for, to_tensor, world
+    from .data import PROMPT, clip_text_for, world
 
     cfg = TRAIN[scale]["clip"]
     _seed_torch(seed, "clip")
     model, tok = create_clip(scale, seed=None)
+    if vit is not None:
+        from .convert import timm_vit_to_open_clip_visual
+
+        timm_vit_to_open_clip_visual(vit, model.visual)
     model.train()
     rng = _rng(seed, "clip")
-    opt = _adamw(model, cfg["lr"], wd=0.1)
+    opt = torch.optim.AdamW(_param_groups(model.named_parameters(), cfg["lr"], 0.1,
+                                          {"visual.": cfg.get("visual_lr_mult", 1.0) if vit is not None else 1.0,
+                                           "visual.proj": 1.0}),
+                            lr=cfg["lr"], betas=(0.9, 0.98), eps=1e-6)
+    names = world().CLASS_NAMES
+    prompts = tok([PROMPT.format(n) for n in names])
     with prog.bar(f"clip ({scale})", cfg["steps"]) as bar:
         for step in range(cfg["steps"]):
-            _set_lr(opt, _lr_at(step, cfg["steps"], cfg["lr"]))
+            _set_lr_groups(opt, _lr_at(step, cfg["steps"], cfg["lr"]))
             idx = rng.choice(len(pool), size=min(cfg["batch"], len(pool)), replace=False)
             x = to_tensor(pool.images[idx], OPENAI_MEAN, OPENAI_STD, flip_rng=rng)
             texts = [clip_text_for(pool, int(i), rng) for i in idx]
             t = tok(texts)
             img = F.normalize(model.encode_image(x), dim=-1)
-            txt = F.normalize(model.encode_text(t), dim=-1)
-            logits = model.logit_scale.exp() * img @ txt.t()
-            same = (t[:, None, :] == t[None, :, :]).all(-1).float()  # identical texts are all positives
+            txt = F.normalize(model.encode_text(torch.cat([t, prompts])), dim=-1)
+            txt, cls_txt = txt[:len(idx)], txt[len(idx):]
+            scale_ = model.logit_scale.exp()
+            logits = scale_ * img @ txt.t()
+            same = (t[:, None, :] == t[None, :, :]).all(-1).float()
             target = same / same.sum(1, keepdim=True)
             loss = 0.5 * (torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
                           + torch.sum(-target * F.log_softmax(logits.t(), 1), 1).mean())
+            single = torch.from_numpy(pool.single[idx])
+            if single.any() and cfg.get("w_labels", 0):
+                y = torch.from_numpy(pool.labels[idx])[single]
+                loss = loss + cfg["w_labels"] * F.cross_entropy(scale_ * img[single] @ cls_txt.t(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
             opt.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100))
@@ -298,17 +359,27 @@ def train_clip(scale: str, pool, test, seed: int, prog: _Progress):
             if step % 20 == 0:
                 bar.set_postfix_str(f"loss {loss.item():.3f}")
     model.eval()
-    names = world().CLASS_NAMES
     with torch.no_grad():
-        tfeat = F.normalize(model.encode_text(tok([PROMPT.format(n) for n in names])), dim=-1)
+        tfeat = F.normalize(model.encode_text(prompts), dim=-1)
+        colors = list(getattr(world(), "COLORS", ()))
+        cfeat = F.normalize(model.encode_text(tok([f"a {c} object" for c in colors])), dim=-1) if colors else None
         keep = test.single
-        preds = []
+        preds, cpreds = [], []
         for a in range(0, int(keep.sum()), 128):
             x = to_tensor(test.images[keep][a:a + 128], OPENAI_MEAN, OPENAI_STD)
-            preds.append((F.normalize(model.encode_image(x), dim=-1) @ tfeat.t()).argmax(1).numpy())
+            f = F.normalize(model.encode_image(x), dim=-1)
+            preds.append((f @ tfeat.t()).argmax(1).numpy())
+            if cfeat is not None:
+                cpreds.append((f @ cfeat.t()).argmax(1).numpy())
         acc = float((np.concatenate(preds) == test.labels[keep]).mean())
-    return model, {"zero_shot_accuracy": round(acc, 4), "chance": round(1 / len(names), 4),
-                   "prompt": PROMPT, "final_loss": round(float(loss.item()), 4)}
+    q = {"zero_shot_accuracy": round(acc, 4), "chance": round(1 / len(names), 4), "prompt": PROMPT}
+    if cfeat is not None:
+        truth = np.array([colors.index(p[0].split()[1]) if p and p[0].split()[1] in colors else -1
+                          for p in np.array(test.phrases, dtype=object)[keep]])
+        q["zero_shot_color_accuracy"] = round(float((np.concatenate(cpreds) == truth).mean()), 4)
+        q["color_chance"] = round(1 / len(colors), 4)
+    q["final_loss"] = round(float(loss.item()), 4)
+    return model, q
 
 
 def train_vae(scale: str, pool, test, seed: int, prog: _Progress):
@@ -517,7 +588,7 @@ def _cross_attention_pointing(unet, vae, text_encoder, tokenizer, scheduler, tes
     return float(hit.mean()), float(area.mean())
 
 
-def train_captioner(scale: str, pool, test, seed: int, prog: _Progress, tokenizer_dir: Path):
+def train_captioner(scale: str, pool, test, seed: int, prog: _Progress, tokenizer_dir: Path, vit=None):
     import torch
 
     from .captioner import caption, create_captioner
@@ -526,17 +597,23 @@ def train_captioner(scale: str, pool, test, seed: int, prog: _Progress, tokenize
     cfg = TRAIN[scale]["captioner"]
     _seed_torch(seed, "captioner")
     model, processor = create_captioner(scale, seed=None, tokenizer_dir=tokenizer_dir)
+    if vit is not None:  # BLIP starts from a pretrained ViT, as the real one does
+        from .convert import timm_vit_to_blip_vision
+
+        timm_vit_to_blip_vision(vit, model.vision_model)
     tok = processor.tokenizer
     bos = model.config.text_config.bos_token_id
     max_len = spec(scale, "captioner")["max_length"]
     model.train()
     rng = _rng(seed, "captioner")
-    opt = _adamw(model, cfg["lr"], wd=0.05)
+    opt = torch.optim.AdamW(_param_groups(model.named_parameters(), cfg["lr"], 0.05,
+                                          {"vision_model.": cfg.get("vision_lr_mult", 1.0) if vit is not None else 1.0}),
+                            lr=cfg["lr"], betas=(0.9, 0.98), eps=1e-6)
     mean, std = processor.image_processor.image_mean, processor.image_processor.image_std
     n = len(pool.crops)
     with prog.bar(f"captioner ({scale})", cfg["steps"]) as bar:
         for step in range(cfg["steps"]):
-            _set_lr(opt, _lr_at(step, cfg["steps"], cfg["lr"]))
+            _set_lr_groups(opt, _lr_at(step, cfg["steps"], cfg["lr"]))
             idx = rng.choice(n, size=min(cfg["batch"], n), replace=False)
             x = to_tensor(pool.crops[idx], mean, std)
             enc = tok([pool.crop_phrases[i] for i in idx], padding="max_length", max_length=max_len,
@@ -565,41 +642,90 @@ def train_captioner(scale: str, pool, test, seed: int, prog: _Progress, tokenize
                                 "examples": [[t, p] for t, p in list(zip(truth, preds))[:4]]}
 
 
-def train_backbone(kind: str, scale: str, pool, test, seed: int, prog: _Progress):
+def _teacher_targets(teacher, x, grid: int):
+    """A CNN teacher's logits and its stage-2..4 features resized to the student's token grid and
+    layer-normalised per location (the targets of the ViT's patch tokens)."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        feats = teacher.forward_intermediates(x, indices=3, intermediates_only=True)
+        maps = [F.interpolate(f, size=(grid, grid), mode="bilinear", align_corners=False) for f in feats]
+        f = torch.cat(maps, 1).permute(0, 2, 3, 1)
+        f = F.layer_norm(f, (f.shape[-1],)).reshape(x.shape[0], grid * grid, -1)
+        return f, teacher(x)
+
+
+def _eval_classifier(model, test, mean, std) -> float:
+    import torch
+
+    tk = test.single
+    with torch.no_grad():
+        preds = np.concatenate([model(to_tensor(test.images[tk][a:a + 128], mean, std)).argmax(1).numpy()
+                                for a in range(0, int(tk.sum()), 128)])
+    return float((preds == test.labels[tk]).mean())
+
+
+def train_backbone(kind: str, scale: str, pool, test, seed: int, prog: _Progress, teacher=None):
+    """Supervised pretraining on single-object scenes. With a ``teacher`` (the zoo's CNN classifier) the
+    student also matches its soft predictions (knowledge distillation) and, for the ViT, its intermediate
+    feature maps at every patch token: dense targets that get a ViT off its long initial plateau."""
     import torch
     import torch.nn.functional as F
 
     from .backbones import create_backbone
-    from .data import to_tensor, world
+    from .data import world
 
     cfg = TRAIN[scale][kind]
     _seed_torch(seed, kind)
     n_cls = len(world().CLASS_NAMES)
     model = create_backbone(kind, scale, num_classes=n_cls, seed=None)
     model.train()
+    dense_head = None
+    if teacher is not None:
+        teacher.eval()
+        if kind == "vit":
+            grid = model.patch_embed.grid_size[0]
+            size = spec(scale, kind)["img_size"]
+            with torch.no_grad():
+                t_dim = _teacher_targets(teacher, torch.zeros(1, 3, size, size), grid)[0].shape[-1]
+            dense_head = torch.nn.Linear(model.embed_dim, t_dim)
     rng = _rng(seed, kind)
-    opt = _adamw(model, cfg["lr"], wd=0.05)
+    params = torch.nn.ModuleList([model] + ([dense_head] if dense_head is not None else []))
+    opt = _adamw(params, cfg["lr"], wd=cfg.get("wd", 0.05))
     keep = np.flatnonzero(pool.single)
     with prog.bar(f"{kind} ({scale})", cfg["steps"]) as bar:
         for step in range(cfg["steps"]):
-            _set_lr(opt, _lr_at(step, cfg["steps"], cfg["lr"]))
+            _set_lr(opt, _lr_at(step, cfg["steps"], cfg["lr"], cfg.get("warmup", 0.05)))
             idx = rng.choice(keep, size=min(cfg["batch"], len(keep)), replace=False)
             x = to_tensor(pool.images[idx], IMAGENET_MEAN, IMAGENET_STD, flip_rng=rng)
             y = torch.from_numpy(pool.labels[idx])
-            loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
+            if teacher is None:
+                loss = F.cross_entropy(model(x), y, label_smoothing=cfg.get("smoothing", 0.0))
+            else:
+                grid = model.patch_embed.grid_size[0] if dense_head is not None else 1
+                t_feat, t_logits = _teacher_targets(teacher, x, grid)
+                if dense_head is not None:
+                    tokens = model.forward_features(x)
+                    logits = model.forward_head(tokens)
+                    feat_loss = F.mse_loss(dense_head(tokens[:, model.num_prefix_tokens:]), t_feat)
+                else:
+                    logits, feat_loss = model(x), torch.zeros(())
+                kd = F.kl_div(F.log_softmax(logits, 1), F.softmax(t_logits, 1), reduction="batchmean")
+                loss = 0.5 * F.cross_entropy(logits, y) + 0.5 * kd + cfg.get("w_feat", 1.0) * feat_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+            torch.nn.utils.clip_grad_norm_(params.parameters(), 2.0)
             opt.step()
             bar.update(1)
             if step % 20 == 0:
                 bar.set_postfix_str(f"loss {loss.item():.3f}")
     model.eval()
-    tk = test.single
-    with torch.no_grad():
-        preds = np.concatenate([model(to_tensor(test.images[tk][a:a + 128], IMAGENET_MEAN, IMAGENET_STD))
-                                .argmax(1).numpy() for a in range(0, int(tk.sum()), 128)])
-    return model, {"accuracy": round(float((preds == test.labels[tk]).mean()), 4), "chance": round(1 / n_cls, 4)}
+    q = {"accuracy": round(_eval_classifier(model, test, IMAGENET_MEAN, IMAGENET_STD), 4),
+         "chance": round(1 / n_cls, 4)}
+    if teacher is not None:
+        q["distilled_from"] = "classifier"
+    return model, q
 
 
 # ---------------------------------------------------------------------------------------------- build
@@ -619,17 +745,19 @@ def _build(scale: str, root: Path, seed: int, models: list[str], progress: bool,
     prog = _Progress(progress)
     threads = int(os.environ.get("WSOLBENCH_ZOO_THREADS", "0")) or DEFAULT_THREADS[scale]
     old_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
     manifest = read_manifest(root)
-    if "diffusion" in models and "clip" not in models and not is_built("clip", root, manifest, scale):
-        models = ["clip"] + list(models)
-    if not force:
-        models = [m for m in models if not (is_built(m, root, manifest, scale)
-                                            and manifest["models"][m].get("seed") == seed)]
+
+    def fresh(m: str) -> bool:
+        return is_built(m, root, manifest, scale) and manifest["models"][m].get("seed") == seed
+
+    # what to train: the requested models (all of them, or the stale/missing ones when not forced), plus
+    # the models they are built from that are not already there
+    todo = [m for m in models if force or not fresh(m)]
+    todo = [m for m in with_dependencies(todo) if m in todo or not fresh(m)]
     results: dict[str, dict] = {}
-    if not models:
-        torch.set_num_threads(old_threads)
+    if not todo:
         return {m: manifest["models"][m].get("quality") for m in manifest.get("models", {})}
+    torch.set_num_threads(threads)
     t_all, c_all = time.perf_counter(), time.process_time()
     try:
         with _quiet_libraries():
@@ -642,23 +770,23 @@ def _build(scale: str, root: Path, seed: int, models: list[str], progress: bool,
                 test = make_pool(budget["test"], size, seed, test=True, progress=bar.update)
             prog.log(f"rendered the synthetic world in {time.perf_counter() - t0:.1f}s")
             root.mkdir(parents=True, exist_ok=True)
-            clip_model = None
-            for name in models:
+            trained: dict[str, object] = {}
+            for name in todo:
                 t0, c0 = time.perf_counter(), time.process_time()
                 final = model_dir(name, scale, root)
                 tmp = final.with_name(final.name + f".tmp{os.getpid()}")
                 if tmp.exists():
                     shutil.rmtree(tmp)
-                quality = _build_one(name, scale, pool, test, seed, prog, tmp, root, clip_model)
-                if name == "clip":
-                    clip_model = quality.pop("_model")
+                deps = {d: trained[d] if d in trained else _load_built(d, scale, root) for d in DEPENDS.get(name, ())}
+                model, quality = _build_one(name, scale, pool, test, seed, prog, tmp, deps)
+                trained[name] = model
                 _install(tmp, final)
                 secs = round(time.perf_counter() - t0, 1)
                 entry = {"path": str(final.relative_to(root)), "seed": seed, "seconds": secs,
                          "cpu_seconds": round(time.process_time() - c0, 1), "threads": threads,
-                         "recipe": recipe(scale, name),
+                         "recipe": recipe(scale, name), "built_from": list(DEPENDS.get(name, ())),
                          "quality": quality, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-                _write_manifest(root, scale, seed, {name: entry})
+                manifest = _write_manifest(root, scale, seed, {name: entry})
                 results[name] = quality
                 prog.log(f"{name}: {_fmt_quality(quality)} ({secs}s)")
                 _check_bar(name, scale, quality, prog)
@@ -670,6 +798,18 @@ def _build(scale: str, root: Path, seed: int, models: list[str], progress: bool,
     results["_seconds"] = total
     results["_cpu_seconds"] = cpu
     return results
+
+
+def _load_built(name: str, scale: str, root: Path):
+    from . import model_dir
+    from .backbones import load_backbone_dir
+    from .clip import load_clip_dir
+
+    if name in ("classifier", "vit", "vgg"):
+        return load_backbone_dir(model_dir(name, scale, root))
+    if name == "clip":
+        return load_clip_dir(model_dir(name, scale, root))[0]
+    raise ValueError(f"{name} is not a dependency of any zoo model")
 
 
 def _fmt_quality(q: dict) -> str:
@@ -690,24 +830,21 @@ def _check_bar(name: str, scale: str, quality: dict, prog: _Progress) -> None:
             prog.log(f"WARNING: diffusion quality is weak: {u}")
 
 
-def _build_one(name: str, scale: str, pool, test, seed: int, prog: _Progress, tmp: Path, root: Path,
-               clip_model) -> dict:
+def _build_one(name: str, scale: str, pool, test, seed: int, prog: _Progress, tmp: Path, deps: dict):
+    """Train ``name`` (with its dependencies ``deps`` in memory) and save it into ``tmp``;
+    returns (the model or None, quality figures)."""
     from .backbones import save_backbone
     from .captioner import save_captioner
-    from .clip import hf_text_encoder_from_open_clip, load_clip_dir, save_clip
+    from .clip import hf_text_encoder_from_open_clip, save_clip
 
     if name == "clip":
-        model, q = train_clip(scale, pool, test, seed, prog)
+        model, q = train_clip(scale, pool, test, seed, prog, vit=deps.get("vit"))
         save_clip(model, tmp, scale, extra={"quality": q, "seed": seed})
-        q["_model"] = model
-        return q
+        return model, q
     if name == "diffusion":
-        from . import model_dir
         from .diffusion import create_scheduler, create_tokenizer, save_diffusion
 
-        if clip_model is None:
-            clip_model, _ = load_clip_dir(model_dir("clip", scale, root))
-        text_encoder = hf_text_encoder_from_open_clip(clip_model, scale)
+        text_encoder = hf_text_encoder_from_open_clip(deps["clip"], scale)
         text_encoder.requires_grad_(False)
         tokenizer, scheduler = create_tokenizer(scale), create_scheduler()
         vae, qv = train_vae(scale, pool, test, seed, prog)
@@ -715,12 +852,12 @@ def _build_one(name: str, scale: str, pool, test, seed: int, prog: _Progress, tm
         unet, qu = train_unet(scale, pool, test, seed, prog, vae, text_encoder, tokenizer, scheduler)
         save_diffusion({"vae": vae, "unet": unet, "text_encoder": text_encoder, "tokenizer": tokenizer,
                         "scheduler": scheduler}, tmp)
-        return {"vae": qv, "unet": qu}
+        return None, {"vae": qv, "unet": qu}
     if name == "captioner":
-        (model, processor), q = train_captioner(scale, pool, test, seed, prog, tmp / "_vocab")
+        (model, processor), q = train_captioner(scale, pool, test, seed, prog, tmp / "_vocab", vit=deps.get("vit"))
         save_captioner(model, processor, tmp)
         shutil.rmtree(tmp / "_vocab", ignore_errors=True)
-        return q
-    model, q = train_backbone(name, scale, pool, test, seed, prog)
+        return None, q
+    model, q = train_backbone(name, scale, pool, test, seed, prog, teacher=deps.get("classifier"))
     save_backbone(model, tmp)
-    return q
+    return model, q

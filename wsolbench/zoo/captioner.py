@@ -49,7 +49,7 @@ def blip_config(scale: str, tokenizer):
     from transformers import BlipConfig
 
     s = spec(scale, "captioner")
-    vision = dict(hidden_size=s["vision_width"], intermediate_size=4 * s["vision_width"],
+    vision = dict(hidden_size=s["vision_width"], intermediate_size=int(s["vision_mlp_ratio"] * s["vision_width"]),
                   num_hidden_layers=s["vision_layers"], num_attention_heads=s["vision_heads"],
                   image_size=s["image_size"], patch_size=s["patch_size"], projection_dim=s["vision_width"],
                   initializer_range=0.02)

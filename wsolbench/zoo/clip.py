@@ -110,7 +110,8 @@ def text_encoder_config(scale: str):
     t = spec(scale, "clip")["text_cfg"]
     return CLIPTextConfig(vocab_size=t["vocab_size"], hidden_size=t["width"], intermediate_size=4 * t["width"],
                           num_hidden_layers=t["layers"], num_attention_heads=t["heads"],
-                          max_position_embeddings=t["context_length"], hidden_act="quick_gelu",
+                          max_position_embeddings=t["context_length"],
+                          hidden_act="quick_gelu" if spec(scale, "clip").get("quick_gelu") else "gelu",
                           layer_norm_eps=1e-5, projection_dim=spec(scale, "clip")["embed_dim"],
                           bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
 
