@@ -43,6 +43,14 @@ TEXTURES: tuple[str, ...] = ("plain", "striped", "dotted", "checkered")
 
 DEFAULT_SIZE = (128, 128)  # (W, H)
 
+# How hard the world is. Tuned so that a small CNN trained for a minute on CPU learns the shapes (the
+# tiny CAM must beat the centre prior), while position and colour stay uninformative on their own.
+CLUTTER_ITEMS = (2, 6)          # background clutter items per image, inclusive range
+CLUTTER_SIZE = (0.02, 0.06)     # clutter blob radius / bar length as a fraction of the short side
+GRAIN = (3.0, 8.0)              # amplitude of the fine background grain (0..255 scale)
+SINGLE_RADIUS = (0.14, 0.32)    # object radius / short side when a scene has one object
+MULTI_RADIUS = (0.12, 0.24)     # ... when it has several
+
 
 @dataclass
 class SceneObject:
@@ -245,12 +253,12 @@ def _background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     if rng.random() < 0.5:
         a = float(rng.uniform(0, np.pi))
         per = float(rng.uniform(3, 9))
-        img += (np.sin((xx * math.cos(a) + yy * math.sin(a)) * (2 * np.pi / per)) * rng.uniform(6, 16))[..., None]
+        img += (np.sin((xx * math.cos(a) + yy * math.sin(a)) * (2 * np.pi / per)) * rng.uniform(*GRAIN))[..., None]
     else:
         small = rng.standard_normal((h // 2 + 1, w // 2 + 1), dtype=np.float32)
-        img += cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)[..., None] * float(rng.uniform(6, 14))
+        img += cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)[..., None] * float(rng.uniform(*GRAIN))
     # clutter: thin lines, small blobs and boxes in palette colours (so colour alone does not find objects)
-    n_clutter = int(rng.integers(6, 14))
+    n_clutter = int(rng.integers(CLUTTER_ITEMS[0], CLUTTER_ITEMS[1] + 1))
     scale = min(h, w)
     palette = np.array(list(COLOR_RGB.values()), np.float32)
     for _ in range(n_clutter):
@@ -262,10 +270,10 @@ def _background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
             x2, y2 = int(rng.integers(0, w)), int(rng.integers(0, h))
             cv2.line(img, (x, y), (x2, y2), col, int(rng.integers(1, 3)), lineType=cv2.LINE_AA)
         elif kind < 0.75:
-            ax = (max(1, int(rng.uniform(0.02, 0.08) * scale)), max(1, int(rng.uniform(0.02, 0.08) * scale)))
+            ax = (max(1, int(rng.uniform(*CLUTTER_SIZE) * scale)), max(1, int(rng.uniform(*CLUTTER_SIZE) * scale)))
             cv2.ellipse(img, (x, y), ax, float(rng.uniform(0, 180)), 0, 360, col, -1, lineType=cv2.LINE_AA)
         else:
-            s = max(2, int(rng.uniform(0.03, 0.1) * scale))
+            s = max(2, int(rng.uniform(CLUTTER_SIZE[0] * 1.5, CLUTTER_SIZE[1] * 1.5) * scale))
             cv2.rectangle(img, (x, y), (x + s, y + max(1, s // 3)), col, -1)
     return img
 
@@ -340,7 +348,7 @@ def render_scene(seed: int, *, size: tuple[int, int] = DEFAULT_SIZE, n_objects: 
 
     img = _background(h, w, rng)
     scale = min(w, h)
-    rmin, rmax = (0.2, 0.42) if n <= 1 else (0.13, 0.27)
+    rmin, rmax = SINGLE_RADIUS if n <= 1 else MULTI_RADIUS
     full_masks: list[np.ndarray] = []
     looks: list[tuple[int, str, str]] = []
     for ci in cls_list:
@@ -421,7 +429,7 @@ def _visible(full_masks: Sequence[np.ndarray]) -> list[np.ndarray]:
 # Part 2: writing the synthetic world in each real on-disk format
 # =================================================================================================
 
-SYNTH_VERSION = 2
+SYNTH_VERSION = 3
 FORMATS: tuple[str, ...] = ("cub", "wsol", "ilsvrc", "openimages", "voc", "coco", "flickr30k")
 MANIFEST = "SYNTHETIC.json"
 SIZE_RANGE = (112, 176)  # image W and H are drawn from this range (inclusive), per image
@@ -430,11 +438,11 @@ SIZE_RANGE = (112, 176)  # image W and H are drawn from this range (inclusive), 
 # train_aug adds to train (train_aug = train + aug), and "test" is a held-out labelled split (the real VOC 2012
 # test set has no public labels; the synthetic one does, so a method trained on train can be scored apart).
 DEFAULT_COUNTS: dict[str, dict[str, int]] = {
-    "cub": {"train": 200, "val": 60, "test": 100},
+    "cub": {"train": 1000, "val": 60, "test": 200},  # enough training images for a tiny CNN to learn shapes
     "wsol": {"train": 200, "val": 60, "test": 100},
     "ilsvrc": {"train": 200, "val": 50, "test": 100},
     "openimages": {"train": 200, "val": 50, "test": 100},
-    "voc": {"train": 100, "val": 50, "aug": 50, "test": 60},
+    "voc": {"train": 600, "val": 50, "aug": 50, "test": 100},
     "coco": {"train": 150, "val": 60},
     "flickr30k": {"train": 100, "val": 20, "test": 60},
 }

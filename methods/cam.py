@@ -288,6 +288,23 @@ def load_imagenet(net: CAMNet, backbone: str, path: Path) -> list[str]:
     return sorted(mapped)
 
 
+def load_saved_backbone(net: CAMNet, path: Path) -> list[str]:
+    """Copy the backbone and head tensors of a saved wsolbench CAM (``model.safetensors``) into ``net``; the
+    classifier is left as initialised, so a model trained on one label set can start another."""
+    state = _read_state(path)
+    own = net.state_dict()
+    mapped = {k: v for k, v in state.items() if k.startswith(("backbone.", "head.")) and k in own}
+    missing = [k for k in own if k.startswith("backbone.") and k not in mapped
+               and not k.endswith("num_batches_tracked")]
+    bad = [k for k, v in mapped.items() if own[k].shape != v.shape]
+    if missing or bad:
+        raise ValueError(f"{path} is not a CAM with this backbone (config key 'pretrained'): "
+                         f"{len(missing)} backbone tensors missing, shape mismatch for {bad[:3]}; "
+                         "use the same backbone/tiny settings as the saved model")
+    net.load_state_dict(mapped, strict=False)
+    return sorted(mapped)
+
+
 # ----------------------------------------------------------------------------------------------- method
 def _default_config() -> dict:
     from wsolbench.config import config_dir, read_yaml
@@ -367,8 +384,13 @@ class CAM(Localizer):
         pretrained = self.config.get("pretrained")
         loaded_from = None
         if pretrained and not (resume and ckpt_exists):
-            path = resolve_imagenet_weights(self.backbone_name, pretrained)
-            load_imagenet(self.model, self.backbone_name, path)
+            saved = Path(str(pretrained)).expanduser() / "model.safetensors"
+            if saved.is_file():  # a saved wsolbench CAM: start from its backbone (fine-tuning)
+                load_saved_backbone(self.model, saved)
+                path = saved
+            else:
+                path = resolve_imagenet_weights(self.backbone_name, pretrained)
+                load_imagenet(self.model, self.backbone_name, path)
             loaded_from = str(path)
 
         net = self.model

@@ -343,6 +343,7 @@ class GenPromp(Localizer):
 
     capabilities = frozenset({Capability.SINGLE, Capability.PHRASE})
     needs_training = True
+    tiny_zoo = ("diffusion", "classifier")
 
     def __init__(self, config: dict | None = None, class_names: Sequence[str] | None = None, device: str = "cpu",
                  components: dict | None = None) -> None:

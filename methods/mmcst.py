@@ -503,6 +503,7 @@ class MMCST(Localizer):
 
     capabilities = frozenset({Capability.MULTI, Capability.SINGLE})
     needs_training = True
+    tiny_zoo = ("vit", "clip")
 
     def __init__(self, config: dict | None = None, class_names: Sequence[str] | None = None,
                  device: str = "cpu") -> None:

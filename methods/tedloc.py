@@ -453,6 +453,7 @@ class TeDLoc(Localizer):
 
     capabilities = frozenset({Capability.SINGLE})
     needs_training = True
+    tiny_zoo = ("vit", "clip")
 
     def __init__(self, config: dict | None = None, class_names: Sequence[str] | None = None,
                  device: str = "cpu") -> None:

@@ -531,6 +531,7 @@ class WWbL(Localizer):
 
     capabilities = frozenset({Capability.SINGLE, Capability.PHRASE, Capability.OPEN})
     needs_training = True
+    tiny_zoo = ("vgg", "clip", "captioner")
     mean = (0.5, 0.5, 0.5)
     std = (0.5, 0.5, 0.5)
 

@@ -187,3 +187,24 @@ def test_imagenet_weights_load_and_missing_file_message(isolated_env):
     assert "layer4.2.conv3.weight" in keys and "fc.weight" not in keys
     assert torch.equal(net.backbone.layer3[0].conv2.weight, tv.layer3[0].conv2.weight)
     assert net.backbone.layer3[0].conv2.stride == (1, 1)  # the stride change survives loading
+
+
+def test_pretrained_from_a_saved_cam_copies_backbone_not_classifier(scenes, tmp_path):
+    """``pretrained: <saved CAM dir>`` fine-tunes from another CAM: backbone and head are copied before
+    training, the classifier (other classes here) is not; an incompatible backbone is a clear error."""
+    source = CAM(SMALL, class_names=list("abcdef"))
+    with torch.no_grad():
+        for p in source.model.parameters():
+            p.add_(1.0)
+    source.save(tmp_path / "source")
+    m = CAM({**SMALL, "pretrained": str(tmp_path / "source"), "train": {**SMALL["train"], "epochs": 1, "lr": 0.0}})
+    result = m.fit(scenes, progress=False)
+    assert result["pretrained"] == str(tmp_path / "source" / "model.safetensors")
+    src = source.state_dict()
+    for k, v in m.state_dict().items():
+        if k.startswith("backbone.") and k.endswith("weight"):
+            assert torch.equal(v, src[k]), k
+    assert m.state_dict()["fc.weight"].shape[0] == 4
+    wide = CAM({**SMALL, "tiny": {**SMALL["tiny"], "widths": [8, 32]}, "pretrained": str(tmp_path / "source")})
+    with pytest.raises(ValueError, match="not a CAM with this backbone"):
+        wide.fit(scenes, progress=False)

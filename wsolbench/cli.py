@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the README's main job: a benchmark on the synthetic world")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--leaderboard-dir", type=Path, default=Path("leaderboards"))
-    p.add_argument("--methods", nargs="*", default=None, help="default: every available method")
+    p.add_argument("--methods", nargs="*", default=None, help="default: every registered method whose tiny zoo models are built")
     p.add_argument("--fresh", action="store_true", help="discard earlier demo runs instead of resuming them")
     p.set_defaults(func=cmd_demo)
     return parser

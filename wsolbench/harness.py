@@ -298,24 +298,20 @@ EVALUATORS = {"boxes": _BoxEvaluator, "masks": _MaskEvaluator, "dense": _DenseEv
               "phrases": _PhraseEvaluator}
 
 
-class ClassificationAccuracy:
-    """Top-1/Top-5 classification accuracy as integer counts (mergeable like every metric state)."""
+class _Counts:
+    """Integer counters as a metric state (reset / merge / state_dict like every metric): subclasses name
+    their ``keys`` and say what ``update`` and ``compute`` do with them."""
 
-    higher_is_better = {"top1_cls": True, "top5_cls": True}
+    keys: tuple[str, ...] = ()
+    higher_is_better: dict[str, bool] = {}
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
-        self.state = {"top1": np.zeros((), np.int64), "top5": np.zeros((), np.int64), "count": np.zeros((), np.int64)}
+        self.state = {k: np.zeros((), np.int64) for k in self.keys}
 
-    def update(self, top5: Sequence[Sequence[int]], labels: Sequence[int]) -> None:
-        for pred, y in zip(top5, labels):
-            self.state["top1"] += int(pred[0] == y)
-            self.state["top5"] += int(y in pred[:5])
-            self.state["count"] += 1
-
-    def merge(self, other: "ClassificationAccuracy") -> None:
+    def merge(self, other: "_Counts") -> None:
         for k in self.state:
             self.state[k] = self.state[k] + other.state[k]
 
@@ -324,6 +320,19 @@ class ClassificationAccuracy:
 
     def load_state_dict(self, d: dict[str, np.ndarray]) -> None:
         self.state = {k: np.asarray(d[k], np.int64) for k in self.state}
+
+
+class ClassificationAccuracy(_Counts):
+    """Top-1/Top-5 classification accuracy as integer counts (mergeable like every metric state)."""
+
+    keys = ("top1", "top5", "count")
+    higher_is_better = {"top1_cls": True, "top5_cls": True}
+
+    def update(self, top5: Sequence[Sequence[int]], labels: Sequence[int]) -> None:
+        for pred, y in zip(top5, labels):
+            self.state["top1"] += int(pred[0] == y)
+            self.state["top5"] += int(y in pred[:5])
+            self.state["count"] += 1
 
     def compute(self, policy: Any = None) -> dict[str, float]:
         n = int(self.state["count"])
@@ -335,16 +344,10 @@ class ClassificationAccuracy:
         return {"top_k": [1, 5]}
 
 
-class MapHealth:
+class MapHealth(_Counts):
     """Counts raw maps that were non-finite or constant (prepare_map turns those into zeros): reported, never silent."""
 
-    higher_is_better: dict[str, bool] = {}
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.state = {k: np.zeros((), np.int64) for k in ("nonfinite", "constant", "count")}
+    keys = ("nonfinite", "constant", "count")
 
     def update(self, raw_maps: Sequence[np.ndarray]) -> None:
         for m in raw_maps:
@@ -352,16 +355,6 @@ class MapHealth:
             self.state["nonfinite"] += int(not finite)
             self.state["constant"] += int(finite and float(m.max()) == float(m.min()))
             self.state["count"] += 1
-
-    def merge(self, other: "MapHealth") -> None:
-        for k in self.state:
-            self.state[k] = self.state[k] + other.state[k]
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        return {k: np.asarray(v) for k, v in self.state.items()}
-
-    def load_state_dict(self, d: dict[str, np.ndarray]) -> None:
-        self.state = {k: np.asarray(d[k], np.int64) for k in self.state}
 
     def compute(self, policy: Any = None) -> dict[str, int]:
         return {"nonfinite_maps": int(self.state["nonfinite"]), "constant_maps": int(self.state["constant"])}
