@@ -103,7 +103,12 @@ def render(tables: dict, fmt: str = "md") -> str:
     for title, frame in tables.items():
         frame = frame.rename(columns={c: f"{c} {ARROW[True]}" for c in COLUMNS if c in frame.columns})
         if fmt == "md":
-            body = frame.to_markdown(index=False, floatfmt=".2f", missingval="")
+            # counts print as integers and missing cells stay empty (tabulate would print "nan")
+            cells = frame.astype(object).where(frame.notna(), None)
+            if "n" in cells.columns:
+                cells["n"] = cells["n"].map(lambda v: None if v is None else str(int(v))).astype(object)
+            text_cols = [i for i, c in enumerate(cells.columns) if c == "n"]
+            body = cells.to_markdown(index=False, floatfmt=".2f", missingval="", disable_numparse=text_cols)
             parts.append(f"### {title}\n\n{body}\n")
         else:
             parts.append(frame.assign(table=title).to_csv(index=False))
