@@ -47,7 +47,7 @@ TRAIN: dict[str, dict] = {
     },
     "tiny": {
         "pool": 8000, "test": 500,
-        "classifier": dict(steps=600, batch=64, lr=3e-3, wd=0.01),
+        "classifier": dict(steps=2000, batch=64, lr=3e-3, wd=0.01),
         "vit": dict(steps=2000, batch=64, lr=1e-3, w_feat=1.0),
         "clip": dict(steps=400, batch=64, lr=5e-4, w_labels=0.5, visual_lr_mult=0.5),
         "captioner": dict(steps=300, batch=64, lr=1e-3, vision_lr_mult=0.3),
