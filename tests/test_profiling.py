@@ -82,3 +82,13 @@ def test_cuda_peak_memory():
 
     r = profile_method(_Cuda(), input_size=64, n_images=3, device="cuda", warmup=1)
     assert r["peak_mem"] is not None and r["peak_mem"] > 0 and r["device_name"] != "cpu"
+
+
+def test_cli_profile_takes_config_overrides(capsys):
+    from wsolbench.cli import main
+
+    assert main(["profile", "--method", "center", "--profile", "tiny", "--set", "sigma=0.3", "--n", "1",
+                 "--num-classes", "2", "--input-size", "32"]) == 0
+    assert "ms_per_image:" in capsys.readouterr().out
+    assert main(["profile", "--method", "center", "--profile", "tiny", "--set", "sigmaa=0.3", "--n", "1"]) == 2
+    assert "unknown key 'sigmaa'" in capsys.readouterr().err

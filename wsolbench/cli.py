@@ -109,10 +109,12 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
+    from .config import load_method_config
     from .profiling import profile_method
-    from .registry import create_method
+    from .registry import METHODS, create_method
 
-    method = create_method(args.method, profile=args.profile, device=args.device,
+    config = load_method_config(METHODS.canonical(args.method), profile=args.profile, overrides=args.set)
+    method = create_method(args.method, device=args.device, config=config,
                            class_names=[f"class{i}" for i in range(args.num_classes)])
     figures = profile_method(method, input_size=args.input_size, n_images=args.n, device=args.device)
     for key, value in figures.items():
@@ -185,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, default=None)
     p.add_argument("--n", type=int, default=20, help="timed images")
     p.add_argument("--num-classes", type=int, default=200)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="method config override, e.g. encoder.name=vit_base_patch16_224 (repeatable)")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("demo", help="the README's main job: a benchmark on the synthetic world")

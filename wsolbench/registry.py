@@ -134,6 +134,7 @@ METHODS = Registry(
         "center": "wsolbench.methods.baselines:CenterPrior",
         "random": "wsolbench.methods.baselines:RandomMap",
         "cam": "wsolbench.methods.cam:CAM",
+        "tedloc": "wsolbench.methods.tedloc:TeDLoc",
     },
 )
 DATASETS = Registry("dataset", "wsolbench.datasets", builtins={
