@@ -259,3 +259,26 @@ def test_ensure_zoo_builds_missing_or_names_the_command(isolated_env, monkeypatc
         zoo.ensure_zoo("micro", ["nope"])
     with pytest.raises(ValueError, match="unknown zoo scale"):
         zoo.zoo_root("huge")
+
+
+def test_mimetic_init_sets_attention_and_value_products():
+    """Per head W_q W_kᵀ leans to +identity (a rank-d_h share of a·Z + b·I) and W_v W_proj is exactly a·Z − b·I
+    (full rank), so its diagonal averages −b."""
+    import torch
+
+    from wsolbench.zoo.backbones import mimetic_init
+
+    torch.manual_seed(0)
+    vit = zoo.create_backbone("vit", "tiny", num_classes=0, seed=0)
+    mimetic_init(vit, attn_scale=(0.7, 0.7), value_scale=(0.4, 0.4))
+    attn = vit.blocks[0].attn
+    dim, heads = attn.qkv.in_features, attn.num_heads
+    dh = dim // heads
+    w = attn.qkv.weight.detach()
+    for h in range(heads):
+        qk = w[h * dh:(h + 1) * dh].T @ w[dim + h * dh:dim + (h + 1) * dh]
+        assert torch.diagonal(qk).mean() > 0.05
+    vp = w[2 * dim:].T @ attn.proj.weight.detach().T
+    assert abs(float(torch.diagonal(vp).mean()) + 0.4) < 0.06
+    off = vp - torch.diag(torch.diagonal(vp))
+    assert 0.2 < float(off.std() * dim ** 0.5) < 0.6  # the a·Z part, std a/sqrt(dim)

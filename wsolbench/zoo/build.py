@@ -38,7 +38,7 @@ TRAIN: dict[str, dict] = {
     "micro": {
         "pool": 96, "test": 32,
         "classifier": dict(steps=3, batch=16, lr=3e-3),
-        "vit": dict(steps=3, batch=16, lr=1e-3),
+        "vit": dict(steps=3, batch=16, lr=1e-3, init="mimetic"),
         "clip": dict(steps=3, batch=16, lr=1e-3, w_labels=0.5, visual_lr_mult=0.5),
         "captioner": dict(steps=3, batch=16, lr=1e-3, vision_lr_mult=0.3),
         "vgg": dict(steps=3, batch=16, lr=1e-3),
@@ -48,10 +48,10 @@ TRAIN: dict[str, dict] = {
     "tiny": {
         "pool": 8000, "test": 500,
         "classifier": dict(steps=2000, batch=64, lr=3e-3, wd=0.01),
-        "vit": dict(steps=2000, batch=64, lr=1e-3, w_feat=1.0),
+        "vit": dict(steps=2000, batch=64, lr=1e-3, w_feat=1.0, init="mimetic"),
         "clip": dict(steps=400, batch=64, lr=5e-4, w_labels=0.5, visual_lr_mult=0.5),
         "captioner": dict(steps=300, batch=64, lr=1e-3, vision_lr_mult=0.3),
-        "vgg": dict(steps=500, batch=64, lr=1e-3),
+        "vgg": dict(steps=1000, batch=64, lr=3e-4),
         "vae": dict(steps=200, batch=16, lr=1e-3),
         "unet": dict(steps=450, batch=32, lr=1e-3),
     },
@@ -680,6 +680,10 @@ def train_backbone(kind: str, scale: str, pool, test, seed: int, prog: _Progress
     _seed_torch(seed, kind)
     n_cls = len(world().CLASS_NAMES)
     model = create_backbone(kind, scale, num_classes=n_cls, seed=None)
+    if cfg.get("init") == "mimetic":
+        from .backbones import mimetic_init
+
+        mimetic_init(model)
     model.train()
     dense_head = None
     if teacher is not None:
