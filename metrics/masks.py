@@ -39,13 +39,19 @@ def _binary_mask(m: Any, shape: tuple[int, ...], where: str, what: str) -> np.nd
 
 def histogram_bins(values: np.ndarray, edges: np.ndarray, interval: float) -> np.ndarray:
     """Bin index of each value, identical to ``np.histogram(values, bins=edges)`` for values in
-    [edges[0], 1]: a first guess floor(value / interval) is off by at most one bin (the edges are
-    fl(i·interval)), and one comparison with the actual float64 edges on each side corrects it."""
+    [edges[0], 1]: x = value / interval is within ~1e-13 of the exact quotient and the edges are
+    fl(i·interval), so floor(x) is the bin unless x lies within 1e-6 of an integer; only those few
+    values are compared with the actual float64 edges on each side (a ±1 correction)."""
     v = values.reshape(-1)
-    k = (v * (1.0 / interval)).astype(np.int64)
-    np.clip(k, 0, len(edges) - 3, out=k)  # at most the [1, 2) bin
-    k -= v < edges[k]
-    k += v >= edges[k + 1]
+    x = v * (1.0 / interval)
+    k = x.astype(np.int32)
+    frac = x - k
+    near = np.flatnonzero((frac < 1e-6) | (frac > 1 - 1e-6))
+    if near.size:
+        kn, vn = k[near], v[near]
+        kn -= vn < edges[kn]
+        kn += vn >= edges[kn + 1]
+        k[near] = kn
     return k
 
 
