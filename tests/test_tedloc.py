@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import wsolbench.methods.tedloc as T
-from wsolbench.datasets.base import Sample
+from wsolbench.datasets.base import Sample, WSOLDataset
 from wsolbench.config import load_method_config
 
 NAMES = ["star", "heart", "ring", "cross"]
@@ -29,7 +29,7 @@ def method(isolated_env):
     return T.TeDLoc.from_config(micro_cfg(), class_names=NAMES)
 
 
-class _Scenes:
+class _Scenes(WSOLDataset):
     """A minimal WSOL dataset of synthetic single-object scenes written as PNG files."""
 
     registry_name = "test-scenes"
@@ -50,15 +50,6 @@ class _Scenes:
             o = scene.objects[0]
             self.samples.append(Sample(image_id=f"img{i}.png", image_path=path, size=(size, size),
                                        labels=(o.class_index,), boxes=o.box[None].astype(np.float32)))
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        return self.samples[i]
-
-    def __iter__(self):
-        return iter(self.samples)
 
 
 # ------------------------------------------------------------------------------------------ anchors

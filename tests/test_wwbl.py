@@ -14,7 +14,7 @@ pytest.importorskip("open_clip")
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from wsolbench.datasets.base import Phrase, Sample  # noqa: E402
+from wsolbench.datasets.base import Phrase, Sample, WSOLDataset  # noqa: E402
 
 wwbl = pytest.importorskip("wsolbench.methods.wwbl")
 
@@ -266,7 +266,7 @@ def test_phrase_extras_open_and_clip():
 
 
 # ------------------------------------------------------------------------------------------------ training
-class _Captioned:
+class _Captioned(WSOLDataset):
     """A tiny in-memory phrase dataset (PNG files in tmp_path)."""
 
     def __init__(self, root: Path, n: int = 4) -> None:
@@ -283,15 +283,6 @@ class _Captioned:
                 phrases=(Phrase(text="a red square", boxes=gt, entity_id="1"),
                          Phrase(text="the red block", boxes=gt, entity_id="1")),
                 meta={"chain_boxes": {"1": gt}, "chain_order": ["1"]}))
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        return self.samples[i]
-
-    def __iter__(self):
-        return iter(self.samples)
 
 
 def test_fit_selects_by_val_pointing_and_resumes(tmp_path):
