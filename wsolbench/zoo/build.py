@@ -258,20 +258,30 @@ def _lr_at(step: int, steps: int, lr: float, warmup: float = 0.05) -> float:
 
 
 def _set_lr(opt, lr: float) -> None:
+    """Set every group's lr to ``lr`` times its ``lr_mult`` (1 when the group has none)."""
     for g in opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_mult", 1.0)
 
 
-def _adamw(model, lr: float, wd: float = 0.05):
+NO_DECAY_NAMES = ("embedding", "logit_scale", "pos")
+
+
+def _adamw(named_params, lr: float, wd: float = 0.05, lr_mults: dict[str, float] | None = None,
+           no_decay_names: tuple[str, ...] = NO_DECAY_NAMES):
+    """AdamW (betas 0.9/0.98, eps 1e-6) without weight decay on norms, biases and parameters whose name
+    contains one of ``no_decay_names``; ``lr_mults`` scales the lr of parameters by name prefix."""
     import torch
 
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
+    mults = lr_mults or {}
+    groups: dict[tuple, dict] = {}
+    for n, p in named_params:
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or "embedding" in n or "logit_scale" in n or "pos" in n else decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}],
-                             lr=lr, betas=(0.9, 0.98), eps=1e-6)
+        mult = next((m for prefix, m in mults.items() if n.startswith(prefix)), 1.0)
+        decay = not (p.ndim <= 1 or any(word in n for word in no_decay_names))
+        g = groups.setdefault((mult, decay), {"params": [], "weight_decay": wd if decay else 0.0, "lr_mult": mult})
+        g["params"].append(p)
+    return torch.optim.AdamW(list(groups.values()), lr=lr, betas=(0.9, 0.98), eps=1e-6)
 
 
 def _rng(seed: int, tag: str) -> np.random.Generator:
@@ -285,25 +295,6 @@ def _seed_torch(seed: int, tag: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------- models
-def _param_groups(named_params, base_lr: float, wd: float, mults: dict[str, float]):
-    """AdamW groups: no decay on norms/biases/embeddings; lr multipliers by parameter-name prefix."""
-    groups: dict[tuple, dict] = {}
-    for n, p in named_params:
-        if not p.requires_grad:
-            continue
-        mult = next((m for prefix, m in mults.items() if n.startswith(prefix)), 1.0)
-        decay = not (p.ndim <= 1 or "embedding" in n or "logit_scale" in n or "pos" in n or "cls" in n)
-        key = (mult, decay)
-        g = groups.setdefault(key, {"params": [], "weight_decay": wd if decay else 0.0, "lr_mult": mult})
-        g["params"].append(p)
-    return list(groups.values())
-
-
-def _set_lr_groups(opt, lr: float) -> None:
-    for g in opt.param_groups:
-        g["lr"] = lr * g.get("lr_mult", 1.0)
-
-
 def train_clip(scale: str, pool, test, seed: int, prog: _Progress, vit=None):
     """Contrastive image-caption training (multi-positive: identical captions in a batch are all positives)
     plus a UniCL-style image-label term: each single-object image against the 10 class prompts
@@ -323,15 +314,14 @@ def train_clip(scale: str, pool, test, seed: int, prog: _Progress, vit=None):
         timm_vit_to_open_clip_visual(vit, model.visual)
     model.train()
     rng = _rng(seed, "clip")
-    opt = torch.optim.AdamW(_param_groups(model.named_parameters(), cfg["lr"], 0.1,
-                                          {"visual.": cfg.get("visual_lr_mult", 1.0) if vit is not None else 1.0,
-                                           "visual.proj": 1.0}),
-                            lr=cfg["lr"], betas=(0.9, 0.98), eps=1e-6)
+    opt = _adamw(model.named_parameters(), cfg["lr"], 0.1,
+                 {"visual.": cfg.get("visual_lr_mult", 1.0) if vit is not None else 1.0, "visual.proj": 1.0},
+                 no_decay_names=NO_DECAY_NAMES + ("cls",))
     names = world().CLASS_NAMES
     prompts = tok([PROMPT.format(n) for n in names])
     with prog.bar(f"clip ({scale})", cfg["steps"]) as bar:
         for step in range(cfg["steps"]):
-            _set_lr_groups(opt, _lr_at(step, cfg["steps"], cfg["lr"]))
+            _set_lr(opt, _lr_at(step, cfg["steps"], cfg["lr"]))
             idx = rng.choice(len(pool), size=min(cfg["batch"], len(pool)), replace=False)
             x = to_tensor(pool.images[idx], OPENAI_MEAN, OPENAI_STD, flip_rng=rng)
             texts = [clip_text_for(pool, int(i), rng) for i in idx]
@@ -393,7 +383,7 @@ def train_vae(scale: str, pool, test, seed: int, prog: _Progress):
     vae = create_vae(scale)
     vae.train()
     rng = _rng(seed, "vae")
-    opt = _adamw(vae, cfg["lr"], wd=0.0)
+    opt = _adamw(vae.named_parameters(), cfg["lr"], wd=0.0)
     with prog.bar(f"vae ({scale})", cfg["steps"]) as bar:
         for step in range(cfg["steps"]):
             _set_lr(opt, _lr_at(step, cfg["steps"], cfg["lr"]))
@@ -475,7 +465,7 @@ def train_unet(scale: str, pool, test, seed: int, prog: _Progress, vae, text_enc
         means, stds = torch.cat(means), torch.cat(stds)
     unet.train()
     rng = _rng(seed, "unet")
-    opt = _adamw(unet, cfg["lr"], wd=0.01)
+    opt = _adamw(unet.named_parameters(), cfg["lr"], wd=0.01)
     T = scheduler.config.num_train_timesteps
     with prog.bar(f"unet ({scale})", cfg["steps"]) as bar:
         for step in range(cfg["steps"]):
@@ -606,14 +596,14 @@ def train_captioner(scale: str, pool, test, seed: int, prog: _Progress, tokenize
     max_len = spec(scale, "captioner")["max_length"]
     model.train()
     rng = _rng(seed, "captioner")
-    opt = torch.optim.AdamW(_param_groups(model.named_parameters(), cfg["lr"], 0.05,
-                                          {"vision_model.": cfg.get("vision_lr_mult", 1.0) if vit is not None else 1.0}),
-                            lr=cfg["lr"], betas=(0.9, 0.98), eps=1e-6)
+    opt = _adamw(model.named_parameters(), cfg["lr"], 0.05,
+                 {"vision_model.": cfg.get("vision_lr_mult", 1.0) if vit is not None else 1.0},
+                 no_decay_names=NO_DECAY_NAMES + ("cls",))
     mean, std = processor.image_processor.image_mean, processor.image_processor.image_std
     n = len(pool.crops)
     with prog.bar(f"captioner ({scale})", cfg["steps"]) as bar:
         for step in range(cfg["steps"]):
-            _set_lr_groups(opt, _lr_at(step, cfg["steps"], cfg["lr"]))
+            _set_lr(opt, _lr_at(step, cfg["steps"], cfg["lr"]))
             idx = rng.choice(n, size=min(cfg["batch"], n), replace=False)
             x = to_tensor(pool.crops[idx], mean, std)
             enc = tok([pool.crop_phrases[i] for i in idx], padding="max_length", max_length=max_len,
@@ -696,7 +686,7 @@ def train_backbone(kind: str, scale: str, pool, test, seed: int, prog: _Progress
             dense_head = torch.nn.Linear(model.embed_dim, t_dim)
     rng = _rng(seed, kind)
     params = torch.nn.ModuleList([model] + ([dense_head] if dense_head is not None else []))
-    opt = _adamw(params, cfg["lr"], wd=cfg.get("wd", 0.05))
+    opt = _adamw(params.named_parameters(), cfg["lr"], wd=cfg.get("wd", 0.05))
     keep = np.flatnonzero(pool.single)
     with prog.bar(f"{kind} ({scale})", cfg["steps"]) as bar:
         for step in range(cfg["steps"]):
