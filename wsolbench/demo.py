@@ -31,16 +31,14 @@ def zoo_ready(methods: Sequence[str]) -> tuple[list[str], list[str]]:
     from .registry import get_method_class
 
     ready, waiting = [], []
+    status = None
     for name in methods:
         needs = get_method_class(name).tiny_zoo
-        if needs:
+        if needs and status is None:
             from . import zoo
 
-            status = zoo.zoo_status("tiny")
-            if not all(status[m]["built"] for m in needs):
-                waiting.append(name)
-                continue
-        ready.append(name)
+            status = zoo.zoo_status("tiny")  # read the manifest once, for every method
+        (waiting if needs and not all(status[m]["built"] for m in needs) else ready).append(name)
     return ready, waiting
 
 
