@@ -266,26 +266,34 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     return load_state_dict(path, strip_prefix="module.")
 
 
+def _copy_checked(module: nn.Module, mapped: dict[str, torch.Tensor], required: list[str], path: Path,
+                  what: str) -> list[str]:
+    """Load ``mapped`` into ``module`` (non-strict) after checking that every key in ``required`` is there
+    and no shape differs; ``what`` says what ``path`` should have been. Returns the loaded keys."""
+    own = module.state_dict()
+    missing = [k for k in required if k not in mapped and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise ValueError(f"{path} is not {what}: {len(missing)} backbone tensors missing, "
+                         f"e.g. {missing[:3]}")
+    bad = [k for k, v in mapped.items() if k in own and own[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"{path} is not {what}: shape mismatch for {bad[:3]}")
+    module.load_state_dict(mapped, strict=False)
+    return sorted(mapped)
+
+
 def load_imagenet(net: CAMNet, backbone: str, path: Path) -> list[str]:
     """Copy the backbone tensors of a torchvision checkpoint into ``net.backbone``; returns the loaded keys."""
     state = _read_state(path)
+    own = list(net.backbone.state_dict())
     if backbone == "vgg16":
         mapped = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
     elif backbone in ("resnet50", "inceptionv3"):
-        own = set(net.backbone.state_dict())
-        mapped = {k: v for k, v in state.items() if k in own}
+        keys = set(own)
+        mapped = {k: v for k, v in state.items() if k in keys}
     else:
         raise ValueError(f"backbone {backbone!r} has no ImageNet weights")
-    own_state = net.backbone.state_dict()
-    missing = [k for k in own_state if k not in mapped and not k.endswith("num_batches_tracked")]
-    if missing:
-        raise ValueError(f"{path} does not look like torchvision {backbone} weights: {len(missing)} backbone "
-                         f"tensors missing, e.g. {missing[:3]}")
-    bad = [k for k, v in mapped.items() if k in own_state and own_state[k].shape != v.shape]
-    if bad:
-        raise ValueError(f"{path}: shape mismatch for {bad[:3]} (is it the right architecture?)")
-    net.backbone.load_state_dict(mapped, strict=False)
-    return sorted(mapped)
+    return _copy_checked(net.backbone, mapped, own, path, f"torchvision {backbone} weights")
 
 
 def load_saved_backbone(net: CAMNet, path: Path) -> list[str]:
@@ -294,15 +302,9 @@ def load_saved_backbone(net: CAMNet, path: Path) -> list[str]:
     state = _read_state(path)
     own = net.state_dict()
     mapped = {k: v for k, v in state.items() if k.startswith(("backbone.", "head.")) and k in own}
-    missing = [k for k in own if k.startswith("backbone.") and k not in mapped
-               and not k.endswith("num_batches_tracked")]
-    bad = [k for k, v in mapped.items() if own[k].shape != v.shape]
-    if missing or bad:
-        raise ValueError(f"{path} is not a CAM with this backbone (config key 'pretrained'): "
-                         f"{len(missing)} backbone tensors missing, shape mismatch for {bad[:3]}; "
-                         "use the same backbone/tiny settings as the saved model")
-    net.load_state_dict(mapped, strict=False)
-    return sorted(mapped)
+    return _copy_checked(net, mapped, [k for k in own if k.startswith("backbone.")], path,
+                         "a CAM with this backbone (config key 'pretrained': use the same backbone/tiny "
+                         "settings as the saved model)")
 
 
 # ----------------------------------------------------------------------------------------------- method
