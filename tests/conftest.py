@@ -31,6 +31,18 @@ def _few_threads():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny models: on a shared 2-core machine one thread is several times faster than two.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def isolated_env(tmp_path, monkeypatch):
     """Point data root, cache and weights dirs into tmp_path so tests never touch the user's files."""

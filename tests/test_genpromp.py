@@ -50,13 +50,7 @@ def make_method(cfg=None, classes=CLASSES):
     return gp.GenPromp.from_config(cfg or micro_config(), class_names=classes, components=micro_components())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: on a shared 2-core machine one thread is several times faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
