@@ -371,3 +371,30 @@ def test_box_rules():
     gb = wwbl.grounding_box(m)
     assert gb.shape == (4,) and gb[0] <= 5 and gb[2] >= 24
     assert wwbl.largest_contour_box(np.zeros((8, 8), np.float32)).tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+MICRO_OVERRIDES = (
+    "input_size=32", "clip.source=zoo-random", "clip.scale=micro", "encoder.source=zoo-random",
+    "encoder.scale=micro", "encoder.cut=23", "encoder.probe_size=32", "decoder.mid_channels=8",
+    "unet.backbone=zoo-vgg-random", "unet.scale=micro", "unet.probe_size=32",
+    "captioner.source=zoo-random", "captioner.scale=micro", "captioner.max_length=8", "relevancy.mode=last",
+    "train.epochs=1", "train.size=32", "train.resize=null", "train.crop=null", "train.max_steps_per_epoch=2",
+    "train.val_limit=2", "open.proposal_size=48", "open.max_proposals=8", "harness.batch_size=4",
+)
+
+
+@pytest.mark.parametrize("dataset, metric", [("synthetic-cub", "gt_known_loc"),
+                                             ("synthetic-flickr30k", "pointing_game")])
+def test_registered_and_runs_through_the_harness(isolated_env, dataset, metric):
+    from wsolbench.harness import RunSpec, run
+    from wsolbench.registry import get_method_class
+
+    assert get_method_class("wwbl") is wwbl.WWbL
+    res = run(RunSpec(method="wwbl", dataset=dataset, profile="tiny", limit=6, out=isolated_env / "runs",
+                      progress=False, overrides=MICRO_OVERRIDES))
+    import json
+
+    results = json.loads((res.run_dir / "metrics.json").read_text())["results"]
+    assert 0 <= results["default"][metric] <= 100
+    if dataset == "synthetic-flickr30k":  # the open-world map and the CLIP teacher are scored as their own rows
+        assert {"open", "clip"} <= set(results)

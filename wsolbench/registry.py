@@ -135,6 +135,7 @@ METHODS = Registry(
         "random": "wsolbench.methods.baselines:RandomMap",
         "cam": "wsolbench.methods.cam:CAM",
         "tedloc": "wsolbench.methods.tedloc:TeDLoc",
+        "wwbl": "wsolbench.methods.wwbl:WWbL",
     },
 )
 DATASETS = Registry("dataset", "wsolbench.datasets", builtins={
