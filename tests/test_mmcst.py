@@ -355,3 +355,29 @@ def test_paper_architecture_random_init(isolated_env):
     if weights.find("clip-vit-b16-openai")[0] is None:
         with pytest.raises(weights.MissingWeightsError, match="clip-vit-b16-openai"):
             m.ensure_text_embeddings()
+
+
+MICRO_OVERRIDES = (
+    "model.backbone.source=timm", "model.backbone.name=vit_tiny_patch16_224", "model.backbone.pretrained=false",
+    "model.backbone.kwargs={patch_size: 8, embed_dim: 24, depth: 2, num_heads: 2}",
+    "model.clip.source=open_clip", "model.clip.pretrained=null",
+    "model.clip.kwargs={embed_dim: 16, vision_cfg: {image_size: 16, layers: 1, width: 16, head_width: 8, "
+    "patch_size: 8}, text_cfg: {context_length: 12, vocab_size: 49408, width: 16, heads: 2, layers: 1}}",
+    f"model.input_size={SIZE}", "train.epochs=1", "train.batch_size=4", "train.resize_size=36",
+    "train.max_steps_per_epoch=2", "infer.attn_layers=1", "harness.batch_size=4",
+)
+
+
+@pytest.mark.parametrize("dataset, metric", [("synthetic-voc", "miou"), ("synthetic-openimages", "pxap")])
+def test_registered_and_runs_through_the_harness(isolated_env, dataset, metric):
+    import json
+
+    from wsolbench.harness import RunSpec, run
+    from wsolbench.registry import get_method_class
+
+    assert get_method_class("mmcst") is MMCST
+    res = run(RunSpec(method="mmcst", dataset=dataset, profile="tiny", limit=6, out=isolated_env / "runs",
+                      progress=False, overrides=MICRO_OVERRIDES))
+    results = json.loads((res.run_dir / "metrics.json").read_text())["results"]
+    assert 0 <= results["default"][metric] <= 100
+    assert 0 <= results["attn"][metric] <= 100  # the tiny profile also scores the attention-only map

@@ -136,6 +136,7 @@ METHODS = Registry(
         "cam": "wsolbench.methods.cam:CAM",
         "tedloc": "wsolbench.methods.tedloc:TeDLoc",
         "wwbl": "wsolbench.methods.wwbl:WWbL",
+        "mmcst": "wsolbench.methods.mmcst:MMCST",
     },
 )
 DATASETS = Registry("dataset", "wsolbench.datasets", builtins={
