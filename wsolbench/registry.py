@@ -137,6 +137,7 @@ METHODS = Registry(
         "tedloc": "wsolbench.methods.tedloc:TeDLoc",
         "wwbl": "wsolbench.methods.wwbl:WWbL",
         "mmcst": "wsolbench.methods.mmcst:MMCST",
+        "genpromp": "wsolbench.methods.genpromp:GenPromp",
     },
 )
 DATASETS = Registry("dataset", "wsolbench.datasets", builtins={
