@@ -199,5 +199,6 @@ def test_leaderboard_marks_measured_and_reported(tmp_path):
     md = render(build_tables(load_runs(tmp_path / "runs")), "md")
     assert "maxboxacc ↑" in md and "61.50" in md and "measured" in md
     assert "reported: GenPromp (ICCV 2023) Table 1" in md  # CUB paper rows beside the synthetic CUB table
+    assert "nan" not in md and "| 10 " in md  # counts as integers; reported rows have no count: empty cell
     csv_text = render(build_tables(load_runs(tmp_path / "runs"), with_paper=False), "csv")
     assert "61.5" in csv_text and "reported" not in csv_text

@@ -106,7 +106,7 @@ def render(tables: dict, fmt: str = "md") -> str:
             # counts print as integers and missing cells stay empty (tabulate would print "nan")
             cells = frame.astype(object).where(frame.notna(), None)
             if "n" in cells.columns:
-                cells["n"] = cells["n"].map(lambda v: None if v is None else str(int(v))).astype(object)
+                cells["n"] = [("" if v is None else str(int(v))) for v in cells["n"]]
             text_cols = [i for i, c in enumerate(cells.columns) if c == "n"]
             body = cells.to_markdown(index=False, floatfmt=".2f", missingval="", disable_numparse=text_cols)
             parts.append(f"### {title}\n\n{body}\n")
