@@ -282,3 +282,15 @@ def test_mimetic_init_sets_attention_and_value_products():
     assert abs(float(torch.diagonal(vp).mean()) + 0.4) < 0.06
     off = vp - torch.diag(torch.diagonal(vp))
     assert 0.2 < float(off.std() * dim ** 0.5) < 0.6  # the a·Z part, std a/sqrt(dim)
+
+
+def test_build_command_models_parse_back():
+    """The command the errors print (`--models vit,clip`) is accepted as the CLI passes it (one argument)."""
+    from wsolbench.zoo import _normalise_models, build_command
+
+    cmd = build_command("tiny", ["vit", "clip"])
+    assert cmd.endswith("--models vit,clip")
+    assert _normalise_models([cmd.split()[-1]]) == ["vit", "clip"]
+    assert _normalise_models(["vgg", "vit,vgg"]) == ["vgg", "vit"]
+    with pytest.raises(ValueError, match="unknown zoo model 'nope'"):
+        _normalise_models(["vit,nope"])

@@ -69,7 +69,8 @@ def _normalise_models(models: Iterable[str] | str | None) -> list[str]:
     if models is None:
         return list(MODELS)
     if isinstance(models, str):
-        models = [m for m in models.split(",") if m]
+        models = [models]
+    models = [m for entry in models for m in entry.split(",") if m]  # "a,b" as build_command writes it
     out = []
     for m in models:
         if m not in MODELS:
