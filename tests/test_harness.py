@@ -131,3 +131,32 @@ def test_cli_run_then_leaderboard(isolated_env, capsys):
     assert main(["leaderboard", "--runs", str(runs), "--format", "md"]) == 0
     out = capsys.readouterr().out
     assert "| center" in out and "measured" in out and "reported" in out
+
+
+class _ZooMethod(Localizer):
+    capabilities = frozenset({Capability.SINGLE})
+    tiny_zoo = ("vit",)
+
+    def localize(self, images, classes=None, texts=None):
+        return LocalizerOutput(maps=torch.rand(len(images), 1, 7, 7))
+
+
+def test_a_rebuilt_zoo_is_a_new_run_not_a_resumed_one(isolated_env, monkeypatch):
+    """Tiny runs record the zoo models they stand on: after a rebuild, --resume must not reuse old results."""
+    from wsolbench import zoo
+
+    monkeypatch.setitem(METHODS.builtins, "zoomethod", "x:y")
+    METHODS.register("zoomethod", _ZooMethod)
+    monkeypatch.setattr(harness, "load_method_config", lambda *a, **k: {})
+    root = zoo.zoo_root("tiny")
+    root.mkdir(parents=True)
+    try:
+        first = run(_spec(isolated_env, method="zoomethod", profile="tiny", limit=4, resume=True))
+        (root / "manifest.json").write_text(json.dumps(
+            {"models": {"vit": {"recipe": "abc", "seed": 0, "built_at": "2026-11-21T21:00:00"}}}))
+        second = run(_spec(isolated_env, method="zoomethod", profile="tiny", limit=4, resume=True))
+        again = run(_spec(isolated_env, method="zoomethod", profile="tiny", limit=4, resume=True))
+    finally:
+        METHODS._entries.pop("zoomethod", None)
+    assert first.run_dir != second.run_dir and second.run_dir == again.run_dir
+    assert "2026-11-21T21:00:00" in (second.run_dir / "config.yaml").read_text()

@@ -410,6 +410,11 @@ def run(spec: RunSpec) -> RunResult:
     resolved = {"method": method_name, "dataset": dataset_name, "split": spec.split, "profile": spec.profile,
                 "limit": spec.limit, "checkpoint": str(spec.checkpoint) if spec.checkpoint else None,
                 "method_config": cfg, "harness": hcfg}
+    tiny_zoo = tuple(getattr(METHODS.get(method_name), "tiny_zoo", ()) or ())
+    if spec.profile == "tiny" and tiny_zoo:  # a rebuilt zoo is a new run, never a resumed one
+        from wsolbench.zoo import zoo_fingerprint
+
+        resolved["zoo"] = zoo_fingerprint(tiny_zoo)
     run_id = spec.run_id or _run_id(resolved)
     run_dir = Path(spec.out) / run_id
     _prepare_run_dir(run_dir, resolved, spec.resume)

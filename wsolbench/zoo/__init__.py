@@ -96,6 +96,19 @@ def zoo_status(scale: str = "tiny", root: str | Path | None = None) -> dict[str,
     return out
 
 
+def zoo_fingerprint(models: Iterable[str], scale: str = "tiny", root: str | Path | None = None) -> dict:
+    """{model: "<recipe>/<seed>/<built_at>"} from the manifest (None where not built): what a run records
+    about the zoo it used, so that rebuilding the zoo gives a new run id instead of resuming old results."""
+    from .build import read_manifest
+
+    entries = read_manifest(Path(root) if root is not None else zoo_root(scale)).get("models", {})
+    out = {}
+    for m in models:
+        e = entries.get(m)
+        out[m] = f"{e.get('recipe')}/{e.get('seed')}/{e.get('built_at')}" if e else None
+    return out
+
+
 def build_zoo(scale: str = "tiny", *, out: str | Path | None = None, seed: int = 0,
               models: Iterable[str] | str | None = None, progress: bool = True, force: bool = True) -> dict:
     """Train and save all (or the named) zoo models; returns {model: quality figures} and writes
