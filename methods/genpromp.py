@@ -491,17 +491,10 @@ class GenPromp(Localizer):
     def load(cls, path: str | Path, device: str = "cpu", config: dict | None = None):
         """Rebuild a method saved with ``save``. ``config``: use this resolved config instead of the saved
         one (same classes), e.g. to evaluate one trained checkpoint under the paper's ablation switches."""
-        import yaml
-
-        from wsolbench.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_localizer, load_tensors
+        from wsolbench.checkpoint import load_localizer
 
         path = Path(path)
-        if config is None:
-            method = load_localizer(cls, path, device=device)
-        else:
-            meta = yaml.safe_load((path / CONFIG_FILE).read_text(encoding="utf-8"))
-            method = cls.from_config(config, class_names=meta.get("class_names"), device=device)
-            method.load_state_dict(load_tensors(path / WEIGHTS_FILE, device="cpu"))
+        method = load_localizer(cls, path, device=device, config=config)
         if (path / "unet" / "config.json").exists() and method.config["inference"]["finetuned"]:
             method.load_unet(path / "unet")
         return method

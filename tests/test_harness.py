@@ -160,3 +160,20 @@ def test_a_rebuilt_zoo_is_a_new_run_not_a_resumed_one(isolated_env, monkeypatch)
         METHODS._entries.pop("zoomethod", None)
     assert first.run_dir != second.run_dir and second.run_dir == again.run_dir
     assert "2026-11-21T21:00:00" in (second.run_dir / "config.yaml").read_text()
+
+
+def test_checkpoint_runs_apply_set_overrides(isolated_env):
+    """--checkpoint with --set evaluates the saved method under the overridden config (it used to be ignored)."""
+    from wsolbench.registry import create_method
+
+    ckpt = create_method("random", profile="tiny").save(isolated_env / "ckpt")  # saved with seed 0
+    direct = run(_spec(isolated_env, method="random", run_id="direct", overrides=("harness.batch_size=4", "seed=5")))
+    loaded = run(_spec(isolated_env, method="random", run_id="loaded", checkpoint=ckpt,
+                       overrides=("harness.batch_size=4", "seed=5")))
+    plain = run(_spec(isolated_env, method="random", run_id="plain", checkpoint=ckpt))
+    assert loaded.results == direct.results and plain.results != direct.results
+    import yaml
+
+    assert yaml.safe_load((loaded.run_dir / "config.yaml").read_text())["method_config"]["seed"] == 5
+    with pytest.raises(Exception, match="unknown key 'sead'"):
+        run(_spec(isolated_env, method="random", run_id="typo", checkpoint=ckpt, overrides=("sead=5",)))

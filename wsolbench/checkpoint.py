@@ -49,14 +49,22 @@ def save_localizer(method: Any, directory: Path) -> Path:
     return directory
 
 
-def load_localizer(cls: Any, directory: Path, device: str = "cpu") -> Any:
-    cfg_path = directory / CONFIG_FILE
+def read_saved_meta(directory: Path, method: str | None = None) -> dict:
+    """The ``config.yaml`` of a saved method directory (keys method, class_names, config)."""
+    cfg_path = Path(directory) / CONFIG_FILE
     if not cfg_path.exists():
         raise FileNotFoundError(f"{cfg_path} is missing: a saved method directory holds {CONFIG_FILE} and "
                                 f"{WEIGHTS_FILE} (written by Localizer.save)")
     meta = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
-    if cls.registry_name and meta.get("method") not in (None, cls.registry_name):
-        raise ValueError(f"{directory} holds a {meta.get('method')!r} checkpoint, not {cls.registry_name!r}")
-    method = cls.from_config(meta["config"], class_names=meta.get("class_names"), device=device)
+    if method and meta.get("method") not in (None, method):
+        raise ValueError(f"{directory} holds a {meta.get('method')!r} checkpoint, not {method!r}")
+    return meta
+
+
+def load_localizer(cls: Any, directory: Path, device: str = "cpu", config: dict | None = None) -> Any:
+    """Rebuild a saved method; ``config`` replaces the saved config (e.g. the saved one plus ``--set``)."""
+    meta = read_saved_meta(directory, cls.registry_name)
+    method = cls.from_config(config if config is not None else meta["config"],
+                             class_names=meta.get("class_names"), device=device)
     method.load_state_dict(load_tensors(directory / WEIGHTS_FILE, device=device))
     return method

@@ -403,7 +403,10 @@ def run(spec: RunSpec) -> RunResult:
         spec = replace(spec, split=DATASETS.get(dataset_name).eval_split)
     dataset = _open_dataset(dataset_name, spec.split, spec.data_root, hcfg)
     dataset_key = getattr(dataset, "config_key", dataset_name)
-    cfg = load_method_config(method_name, spec.profile, dataset_key, m_over)
+    if spec.checkpoint is not None:  # the checkpoint's own config, with this run's --set on top
+        cfg = checkpoint_config(method_name, spec.checkpoint, m_over)
+    else:
+        cfg = load_method_config(method_name, spec.profile, dataset_key, m_over)
     if spec.limit is not None:
         dataset = dataset.subset(range(min(spec.limit, len(dataset))))
 
@@ -474,6 +477,22 @@ def _prepare_run_dir(run_dir: Path, resolved: dict, resume: bool) -> None:
     write_text(cfg_path, yaml.safe_dump(json.loads(json.dumps(resolved, default=str)), sort_keys=False))
 
 
+def checkpoint_config(method: str, checkpoint: Path, overrides: Sequence[str]) -> dict:
+    """The config saved with ``checkpoint``, with ``overrides`` (``--set``) merged on top and checked against
+    the method's keys: evaluating a trained checkpoint under another inference setting (an ablation)."""
+    from .checkpoint import read_saved_meta
+    from .config import config_dir, merge, nest, read_yaml
+
+    try:
+        saved = read_saved_meta(Path(checkpoint), method)["config"]
+    except (FileNotFoundError, ValueError) as exc:
+        raise HarnessError(str(exc)) from exc
+    if not overrides:
+        return saved
+    schema = read_yaml(config_dir() / f"{method}.yaml")
+    return merge(saved, nest(overrides), schema=schema, where="--set")
+
+
 def _seed(seed: int) -> None:
     import random
 
@@ -487,7 +506,7 @@ def _seed(seed: int) -> None:
 def _build_method(name: str, cfg: dict, dataset: Any, spec: RunSpec, hcfg: dict, run_dir: Path) -> Any:
     cls = get_method_class(name)
     if spec.checkpoint is not None:
-        return cls.load(spec.checkpoint, device=spec.device)
+        return cls.load(spec.checkpoint, device=spec.device, config=cfg)
     ckpt = run_dir / "checkpoint"
     if cls.needs_training and (ckpt / "model.safetensors").exists():
         return cls.load(ckpt, device=spec.device)  # training finished in an earlier (interrupted) run

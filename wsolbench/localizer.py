@@ -111,11 +111,11 @@ class Localizer(abc.ABC):
         return save_localizer(self, Path(path))
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu"):
-        """Rebuild a method saved with ``save``."""
+    def load(cls, path: str | Path, device: str = "cpu", config: dict | None = None):
+        """Rebuild a method saved with ``save``; ``config``: use it instead of the saved config."""
         from .checkpoint import load_localizer
 
-        return load_localizer(cls, Path(path), device=device)
+        return load_localizer(cls, Path(path), device=device, config=config)
 
     # ---- helpers for subclasses ---------------------------------------------------------------------
     def preprocess(self, images: Any, size: int | None = None, mean=None, std=None) -> "torch.Tensor":
