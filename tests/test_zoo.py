@@ -294,3 +294,22 @@ def test_build_command_models_parse_back():
     assert _normalise_models(["vgg", "vit,vgg"]) == ["vgg", "vit"]
     with pytest.raises(ValueError, match="unknown zoo model 'nope'"):
         _normalise_models(["vit,nope"])
+
+
+def test_unet_recipe_speeds_up_cross_attention_and_oversamples_multi_object_scenes():
+    """The two U-Net training choices that make its cross-attention spatial (see TRAIN["tiny"]["unet"])."""
+    import numpy as np
+
+    from wsolbench.zoo import build
+    from wsolbench.zoo.diffusion import create_unet
+
+    names = [["star"]] * 30 + [["star", "ring"]] * 10
+    p = build.multi_object_weights(names, 0.5)
+    assert p.sum() == pytest.approx(1.0) and p[30:].sum() == pytest.approx(0.5) and p[0] < p[30]
+    assert np.allclose(build.multi_object_weights([["star"]] * 4, 0.5), 0.25)  # no multi scenes: uniform
+    unet = create_unet("micro")
+    opt = build._adamw(unet.named_parameters(), 1e-3, lr_mults={"attn2.to_q": 10.0, "attn2.to_k": 10.0})
+    fast = {id(p) for g in opt.param_groups if g["lr_mult"] == 10.0 for p in g["params"]}
+    named = dict(unet.named_parameters())
+    assert fast == {id(v) for n, v in named.items() if ".attn2.to_q." in n or ".attn2.to_k." in n} and fast
+    assert not any(id(v) in fast for n, v in named.items() if ".attn1." in n or ".attn2.to_v." in n)

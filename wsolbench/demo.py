@@ -61,7 +61,7 @@ def run_demo(out: Path = Path("runs/demo"), leaderboard_dir: Path = Path("leader
             from .zoo import build_command
 
             print(f"wsolbench demo: {', '.join(waiting)} left out: their tiny profile needs the synthetic-world "
-                  f"zoo, which is not built yet (`{build_command('tiny')}`, about 16 min once; or "
+                  f"zoo, which is not built yet (`{build_command('tiny')}`, about 17 min once; or "
                   f"`wsolbench demo --methods {' '.join(names + waiting)}` builds it on the way)", flush=True)
     print(f"wsolbench demo: methods {', '.join(names)} on {', '.join(datasets)} (tiny profile, CPU)", flush=True)
     for dataset in datasets:
