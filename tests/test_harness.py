@@ -27,6 +27,7 @@ def test_center_run_writes_config_metrics_and_per_image(isolated_env):
     assert 0 <= rec["results"]["default"]["maxboxacc"] <= 100
     assert rec["threshold_policy"] == "oracle" and rec["n_images"] == 24
     assert "bicubic" in rec["map_preparation"] and rec["versions"]["torch"]
+    assert rec["device"] == "cpu" and rec["torch_threads"] == torch.get_num_threads()
     assert (res.run_dir / "config.yaml").exists()
     assert len((res.run_dir / "per_image.jsonl").read_text().splitlines()) == 24
     assert not list(res.run_dir.rglob("*.tmp"))  # atomic writes leave no temporaries

@@ -119,3 +119,22 @@ def test_loop_errors_are_explicit(tmp_path):
         loop.run(loaders, lambda b: {"total": net(b["image"]).sum()})
     with pytest.raises(FloatingPointError, match="non-finite"):
         loop.run(loaders, lambda b: {"loss": net(b["image"]).sum() * float("nan")})
+
+
+def test_progress_bar_does_not_change_the_training_data(tmp_path):
+    """tqdm.auto makes an extra iterator up front; that used to shift the sample order and the augmentation
+    draws, so a run with progress bars trained other weights than the same run with --quiet."""
+    from wsolbench.training import _progress
+
+    ds = _TinyDataset(tmp_path, n=12)
+    tf = train_transform(12, 8, flip=True, scale=(0.5, 1.0))
+
+    def batches(progress):
+        torch.manual_seed(0)
+        loader = make_loader(ds, tf, batch_size=4, shuffle=True, seed=3)
+        return [(b["index"].tolist(), float(b["image"].sum())) for b in _progress(loader, 3, "t", progress)]
+
+    assert batches(True) == batches(False)
+    loader = make_loader(ds, tf, batch_size=4, shuffle=True, seed=3)
+    iter(loader)  # an iterator made and dropped
+    assert [b["index"].tolist() for b in loader] == [b[0] for b in batches(False)]

@@ -172,6 +172,12 @@ class EpochDataLoader(DataLoader):
         self.epoch = int(epoch)
         self.generator.manual_seed(self.seed + self.epoch)
 
+    def __iter__(self):
+        # every iterator draws its base seed from the generator: re-seed so that an iterator made and dropped
+        # first (tqdm.auto's bar does that) does not shift the order of the one that is used
+        self.generator.manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
 
 def make_loader(dataset, transform, *, batch_size: int, shuffle: bool, seed: int = 0, target: str = "single",
                 drop_last: bool = False, epoch: int = 0, num_workers: int = 0,
@@ -351,7 +357,9 @@ def _progress(iterable: Iterable, total: int | None, desc: str, enabled: bool):
         return iterable
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+    # hand tqdm an iterator: given an iterable, tqdm.auto's bar makes an extra iterator up front (for a
+    # DataLoader with workers, a second set of worker processes)
+    return tqdm(iter(iterable), total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
 def mean_losses(history: Sequence[dict], key: str = "loss") -> list[float]:
