@@ -8,7 +8,9 @@ interrupted build keeps what it finished.
 Quality figures (printed and stored in the manifest), each with its chance level:
 * clip: zero-shot accuracy on held-out single-object scenes with prompts "a photo of a {class}" (chance 0.1);
 * vae: reconstruction PSNR on held-out scenes; unet: denoising MSE averaged over timesteps 50..950 with the
-  right caption, vs. 1.0 for predicting zero noise, and with a wrong class's caption (must be higher);
+  right caption, vs. 1.0 for predicting zero noise, and with a wrong class's caption (must be higher), and
+  the fraction of held-out images whose class-word cross-attention peaks inside the object (what GenPromp
+  reads; chance = the mean box area fraction);
 * captioner: exact-match accuracy of greedy captions of held-out object crops ("a red striped star";
   chance 1/400) and accuracy of the class word in them (chance 0.1);
 * vit / vgg / classifier: top-1 accuracy on held-out single-object scenes (chance 0.1).
