@@ -657,12 +657,12 @@ def _teacher_targets(teacher, x, grid: int):
     import torch
     import torch.nn.functional as F
 
-    with torch.no_grad():
-        feats = teacher.forward_intermediates(x, indices=3, intermediates_only=True)
+    with torch.no_grad():  # one pass for both (the same numbers as teacher(x))
+        final, feats = teacher.forward_intermediates(x, indices=3, intermediates_only=False)
         maps = [F.interpolate(f, size=(grid, grid), mode="bilinear", align_corners=False) for f in feats]
         f = torch.cat(maps, 1).permute(0, 2, 3, 1)
         f = F.layer_norm(f, (f.shape[-1],)).reshape(x.shape[0], grid * grid, -1)
-        return f, teacher(x)
+        return f, teacher.forward_head(final)
 
 
 def _eval_classifier(model, test, mean, std) -> float:
@@ -716,13 +716,14 @@ def train_backbone(kind: str, scale: str, pool, test, seed: int, prog: _Progress
             if teacher is None:
                 loss = F.cross_entropy(model(x), y, label_smoothing=cfg.get("smoothing", 0.0))
             else:
-                grid = model.patch_embed.grid_size[0] if dense_head is not None else 1
-                t_feat, t_logits = _teacher_targets(teacher, x, grid)
                 if dense_head is not None:
+                    t_feat, t_logits = _teacher_targets(teacher, x, model.patch_embed.grid_size[0])
                     tokens = model.forward_features(x)
                     logits = model.forward_head(tokens)
                     feat_loss = F.mse_loss(dense_head(tokens[:, model.num_prefix_tokens:]), t_feat)
                 else:
+                    with torch.no_grad():
+                        t_logits = teacher(x)
                     logits, feat_loss = model(x), torch.zeros(())
                 kd = F.kl_div(F.log_softmax(logits, 1), F.softmax(t_logits, 1), reduction="batchmean")
                 loss = 0.5 * F.cross_entropy(logits, y) + 0.5 * kd + cfg.get("w_feat", 1.0) * feat_loss
