@@ -69,6 +69,7 @@ from wsolbench.attention_maps import (AttentionLayer, AttentionRecorder, select_
 from wsolbench.imaging import as_image_list, to_float_chw
 from wsolbench.localizer import Capability, InputError, Localizer, LocalizerOutput
 from wsolbench.registry import register_method
+from wsolbench.weights import diffusers_load_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -202,10 +203,10 @@ def load_diffusers_dir(directory: str | Path, unet_dir: str | Path | None = None
     from transformers import CLIPTextModel, CLIPTokenizer
 
     d = str(directory)
-    kw = {"local_files_only": True}
-    unet = (UNet2DConditionModel.from_pretrained(str(unet_dir), **kw) if unet_dir is not None
-            else UNet2DConditionModel.from_pretrained(d, subfolder="unet", **kw))
-    return {"vae": AutoencoderKL.from_pretrained(d, subfolder="vae", **kw), "unet": unet,
+    kw, dkw = {"local_files_only": True}, diffusers_load_kwargs()
+    unet = (UNet2DConditionModel.from_pretrained(str(unet_dir), **dkw) if unet_dir is not None
+            else UNet2DConditionModel.from_pretrained(d, subfolder="unet", **dkw))
+    return {"vae": AutoencoderKL.from_pretrained(d, subfolder="vae", **dkw), "unet": unet,
             "text_encoder": CLIPTextModel.from_pretrained(d, subfolder="text_encoder", **kw),
             "tokenizer": CLIPTokenizer.from_pretrained(d, subfolder="tokenizer", **kw),
             "scheduler": DDPMScheduler.from_pretrained(d, subfolder="scheduler", **kw)}
@@ -456,7 +457,7 @@ class GenPromp(Localizer):
         if not (directory / "config.json").exists():
             raise missing_weights(f"finetuned U-Net not found: {directory} (a diffusers save_pretrained "
                                       f"folder with config.json and the weights)")
-        self.unet = UNet2DConditionModel.from_pretrained(str(directory), local_files_only=True).eval()
+        self.unet = UNet2DConditionModel.from_pretrained(str(directory), **diffusers_load_kwargs()).eval()
         self.unet.requires_grad_(False)
         self.unet_finetuned = True
         if hasattr(self, "cross_layers"):
@@ -860,7 +861,7 @@ class GenPromp(Localizer):
             from diffusers import UNet2DConditionModel
 
             st = torch.load(state_path, map_location="cpu", weights_only=True)
-            fresh = UNet2DConditionModel.from_pretrained(str(out_dir / "unet"), local_files_only=True)
+            fresh = UNet2DConditionModel.from_pretrained(str(out_dir / "unet"), **diffusers_load_kwargs())
             self.unet.load_state_dict(fresh.state_dict())
             if st.get("optimizer") is not None:
                 opt.load_state_dict(st["optimizer"])

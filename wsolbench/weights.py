@@ -566,6 +566,14 @@ def _tensors_from_stubs(obj: Any, prefix: str = "", out: dict | None = None, see
     return out
 
 
+def diffusers_load_kwargs() -> dict[str, bool]:
+    """Keyword arguments for a diffusers ``from_pretrained``: offline, and ``low_cpu_mem_usage`` only where
+    accelerate is installed (without it diffusers prints a warning and falls back anyway)."""
+    import importlib.util
+
+    return {"local_files_only": True, "low_cpu_mem_usage": importlib.util.find_spec("accelerate") is not None}
+
+
 def load_state_dict(path: str | os.PathLike, key: str | None = None, strip_prefix: str | Iterable[str] = (),
                     allow_module_pickle: bool = True) -> dict:
     """A flat ``{name: tensor}`` from a checkpoint file, without executing pickled code.

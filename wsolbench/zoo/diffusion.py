@@ -108,9 +108,10 @@ def load_diffusion(directory: str | Path, device: str = "cpu") -> dict:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from wsolbench.weights import diffusers_load_kwargs
+
     directory = str(directory)
-    kw = {"local_files_only": True}
-    dkw = {**kw, "low_cpu_mem_usage": False}
+    kw, dkw = {"local_files_only": True}, diffusers_load_kwargs()
     return {
         "vae": AutoencoderKL.from_pretrained(directory, subfolder="vae", **dkw).to(device).eval(),
         "unet": UNet2DConditionModel.from_pretrained(directory, subfolder="unet", **dkw).to(device).eval(),
