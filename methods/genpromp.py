@@ -69,7 +69,7 @@ from wsolbench.attention_maps import (AttentionLayer, AttentionRecorder, select_
 from wsolbench.imaging import as_image_list, to_float_chw
 from wsolbench.localizer import Capability, InputError, Localizer, LocalizerOutput
 from wsolbench.registry import register_method
-from wsolbench.weights import diffusers_load_kwargs
+from wsolbench.weights import diffusers_load_kwargs, load_diffusers_folder
 
 log = logging.getLogger(__name__)
 
@@ -197,21 +197,6 @@ def _cast(module: nn.Module, device, dtype: torch.dtype) -> nn.Module:
     return module
 
 
-def load_diffusers_dir(directory: str | Path, unet_dir: str | Path | None = None) -> dict:
-    """vae/unet/text_encoder/tokenizer/scheduler from a diffusers-layout folder (offline)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    d = str(directory)
-    kw, dkw = {"local_files_only": True}, diffusers_load_kwargs()
-    unet = (UNet2DConditionModel.from_pretrained(str(unet_dir), **dkw) if unet_dir is not None
-            else UNet2DConditionModel.from_pretrained(d, subfolder="unet", **dkw))
-    return {"vae": AutoencoderKL.from_pretrained(d, subfolder="vae", **dkw), "unet": unet,
-            "text_encoder": CLIPTextModel.from_pretrained(d, subfolder="text_encoder", **kw),
-            "tokenizer": CLIPTokenizer.from_pretrained(d, subfolder="tokenizer", **kw),
-            "scheduler": DDPMScheduler.from_pretrained(d, subfolder="scheduler", **kw)}
-
-
 def missing_weights(message: str) -> Exception:
     from wsolbench.weights import MissingWeightsError
 
@@ -249,9 +234,9 @@ def _build_components(cfg: dict) -> dict:
         scale = m["zoo_scale"]
         if scale == "micro":
             return zoo.create_diffusion_components("micro")
-        return load_diffusers_dir(zoo.diffusion_dir(scale))
+        return load_diffusers_folder(zoo.diffusion_dir(scale))
     if m["source"] == "pretrained":
-        return load_diffusers_dir(_resolve_pretrained(m["pretrained"]))
+        return load_diffusers_folder(_resolve_pretrained(m["pretrained"]))
     raise ValueError(f"model.source must be 'pretrained' or 'zoo', got {m['source']!r}")
 
 

@@ -165,16 +165,14 @@ class EpochDataLoader(DataLoader):
         super().__init__(*args, generator=generator, **kwargs)
         self.seed = int(seed)
         self.epoch = 0
-        self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
-        """Re-seed the order for ``epoch`` (idempotent: the same epoch always gives the same order)."""
+        """Iterate in ``epoch``'s order from now on (idempotent: the same epoch always gives the same order)."""
         self.epoch = int(epoch)
-        self.generator.manual_seed(self.seed + self.epoch)
 
     def __iter__(self):
-        # every iterator draws its base seed from the generator: re-seed so that an iterator made and dropped
-        # first (tqdm.auto's bar does that) does not shift the order of the one that is used
+        # seeded per iterator, not per set_epoch: every iterator draws its base seed from the generator, so an
+        # iterator made and dropped first (tqdm.auto's bar does that) must not shift the one that is used
         self.generator.manual_seed(self.seed + self.epoch)
         return super().__iter__()
 

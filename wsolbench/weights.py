@@ -574,6 +574,20 @@ def diffusers_load_kwargs() -> dict[str, bool]:
     return {"local_files_only": True, "low_cpu_mem_usage": importlib.util.find_spec("accelerate") is not None}
 
 
+def load_diffusers_folder(directory: str | os.PathLike) -> dict:
+    """vae, unet, text_encoder, tokenizer and scheduler of a Stable-Diffusion-layout folder, offline, each with
+    its library's ``from_pretrained(directory, subfolder=...)`` (real SD v1.4 and the zoo model alike)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    d, kw, dkw = str(directory), {"local_files_only": True}, diffusers_load_kwargs()
+    return {"vae": AutoencoderKL.from_pretrained(d, subfolder="vae", **dkw),
+            "unet": UNet2DConditionModel.from_pretrained(d, subfolder="unet", **dkw),
+            "text_encoder": CLIPTextModel.from_pretrained(d, subfolder="text_encoder", **kw),
+            "tokenizer": CLIPTokenizer.from_pretrained(d, subfolder="tokenizer", **kw),
+            "scheduler": DDPMScheduler.from_pretrained(d, subfolder="scheduler", **kw)}
+
+
 def load_state_dict(path: str | os.PathLike, key: str | None = None, strip_prefix: str | Iterable[str] = (),
                     allow_module_pickle: bool = True) -> dict:
     """A flat ``{name: tensor}`` from a checkpoint file, without executing pickled code.

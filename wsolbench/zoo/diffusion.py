@@ -105,20 +105,12 @@ def save_diffusion(components: dict, directory: str | Path) -> Path:
 
 def load_diffusion(directory: str | Path, device: str = "cpu") -> dict:
     """Load every component with its library's ``from_pretrained(dir, subfolder=...)`` (offline)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from wsolbench.weights import load_diffusers_folder
 
-    from wsolbench.weights import diffusers_load_kwargs
-
-    directory = str(directory)
-    kw, dkw = {"local_files_only": True}, diffusers_load_kwargs()
-    return {
-        "vae": AutoencoderKL.from_pretrained(directory, subfolder="vae", **dkw).to(device).eval(),
-        "unet": UNet2DConditionModel.from_pretrained(directory, subfolder="unet", **dkw).to(device).eval(),
-        "text_encoder": CLIPTextModel.from_pretrained(directory, subfolder="text_encoder", **kw).to(device).eval(),
-        "tokenizer": CLIPTokenizer.from_pretrained(directory, subfolder="tokenizer", **kw),
-        "scheduler": DDPMScheduler.from_pretrained(directory, subfolder="scheduler", **kw),
-    }
+    parts = load_diffusers_folder(directory)
+    for name in ("vae", "unet", "text_encoder"):
+        parts[name] = parts[name].to(device).eval()
+    return parts
 
 
 def _version(pkg: str) -> str:
