@@ -16,16 +16,16 @@ The fast path gives the same numbers as that loop (the unit tests and bench/metr
 random and blob-like maps) while doing less work:
 
 - many τ share one integer threshold int(τ·max u) (always with cam_curve_interval=0.001), and
-  thresholds with no pixel value between them give the same binary mask: contours are computed once per
+  thresholds with no pixel value between them give the same binary mask: boxes are computed once per
   DISTINCT mask (identified by the number of pixels above the threshold, the masks being nested);
-- findContours runs on the bounding box of the pixels above the threshold only (a crop keeps the
-  contours, their order and their areas; the offset is added back), and for v1 in RETR_EXTERNAL mode
-  (the largest contour is always an outer one, in the same order; see ``_contour_best_iou``);
 - a threshold is skipped when even the bounding box of ALL pixels above it overlaps every GT box too
   little for the smallest δ: every contour box lies inside it, so IoU ≤ |E ∩ G| / |G| < δ/100;
-- the largest-contour choice (first maximum of cv2.contourArea per threshold) and the IoUs of all
-  thresholds are computed with a few vectorised numpy calls per image;
-- ``workers`` > 1 spreads the images of a batch over threads (OpenCV releases the GIL).
+- the boxes of all remaining thresholds come from ONE component-tree sweep over the image (union-find,
+  compiled with numba; ``component_tree``) instead of one contour tracing per threshold. Where it
+  cannot settle v1's largest contour (components with holes of uncertain area), that threshold alone is
+  traced with cv2.findContours as above (RETR_EXTERNAL on the crop to the pixels above the threshold:
+  the largest contour is always an outer one, listed in the same order as at the top of RETR_TREE);
+- ``workers`` > 1 spreads the images of a batch over threads (numba and OpenCV release the GIL).
 """
 from __future__ import annotations
 
@@ -36,6 +36,8 @@ from typing import Any, ClassVar, Sequence
 import cv2
 import numpy as np
 
+from . import component_tree
+from .component_tree import UNDECIDED
 from .base import (Metric, MetricInputError, as_list, check_lengths, check_score_map, curve_pick,
                    threshold_grid, to_numpy)
 from .policy import ThresholdPolicy, resolve
@@ -71,114 +73,39 @@ def _iou_plus1(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------ the engine
-def _uint8_map(scoremap: np.ndarray) -> np.ndarray:
-    """uint8(map · 255) with truncation, the map taken in float64 (the reference requires float64 maps,
-    so a float32 map is evaluated as its exact float64 value)."""
-    return (scoremap.astype(np.float64, copy=False) * 255).astype(np.uint8)
-
-
-def integer_thresholds(thresholds: np.ndarray, umax: int) -> np.ndarray:
-    """int(τ · max(u)) for every τ (non-negative, so truncation == int())."""
-    return (np.asarray(thresholds, np.float64) * np.float64(umax)).astype(np.int64)
-
-
-def _first_above(profile: np.ndarray, ts: np.ndarray) -> np.ndarray:
-    """For each t: the first index i with profile[i] > t (len(profile) when none)."""
-    return np.searchsorted(np.maximum.accumulate(profile), ts, side="right")
-
-
 def image_best_iou(scoremap: np.ndarray, gt_boxes: np.ndarray, thresholds: np.ndarray,
                    multi_contour: bool, prune_below: float | None = None) -> np.ndarray:
     """Per τ: the best IoU of the image's box(es) at τ against its GT boxes (float64, exactly the value
     the reference loop computes). With ``prune_below`` (a fraction, e.g. 0.3), thresholds whose boxes
     provably all have IoU < prune_below get −1 instead of being computed."""
-    u = _uint8_map(scoremap)
-    height, width = u.shape
     gt = np.asarray(gt_boxes, np.int64).reshape(-1, 4)
-    umax = int(u.max())
-    t_int = integer_thresholds(thresholds, umax)
-    out = np.empty(len(t_int), np.float64)
-    zero_box_iou = float(_iou_plus1(np.zeros((1, 4), np.int64), gt).max())
-
-    # Thresholds leaving the same NUMBER of pixels above them leave the same (nested) binary mask:
-    # one contour computation per distinct mask, which also merges τ sharing an integer threshold.
-    n_le = np.cumsum(np.bincount(u.reshape(-1), minlength=256))
-    n_above = u.size - n_le[np.minimum(t_int, 255)]
-    keys, first, inv = np.unique(-n_above, return_index=True, return_inverse=True)
-    ts = t_int[first]
-    best = np.full(len(ts), -1.0)
-    live = keys < 0  # no pixel above the threshold: no contour → box [0, 0, 0, 0]
-    best[~live] = zero_box_iou
-    ts_live = ts[live]
-    if len(ts_live):
-        rows, cols = u.max(axis=1), u.max(axis=0)
-        y0 = _first_above(rows, ts_live)
-        y1 = height - 1 - _first_above(rows[::-1], ts_live)
-        x0 = _first_above(cols, ts_live)
-        x1 = width - 1 - _first_above(cols[::-1], ts_live)
-        keep = np.ones(len(ts_live), bool)
-        if prune_below is not None and prune_below > 0:
-            ex1 = np.minimum(x1 + 1, width - 1)
-            ey1 = np.minimum(y1 + 1, height - 1)
-            ix = np.minimum(ex1[:, None], gt[None, :, 2]) - np.maximum(x0[:, None], gt[None, :, 0]) + 1
-            iy = np.minimum(ey1[:, None], gt[None, :, 3]) - np.maximum(y0[:, None], gt[None, :, 1]) + 1
-            inter = (np.maximum(0, ix) * np.maximum(0, iy)).astype(np.float64)
-            area_g = ((gt[:, 2] - gt[:, 0] + 1) * (gt[:, 3] - gt[:, 1] + 1)).astype(np.float64)
-            # IoU(B, G) ≤ |E ∩ G| / |G| for every contour box B inside E; skip when < prune_below for all G
-            keep = (inter >= prune_below * (1 - 1e-9) * area_g[None, :]).any(axis=1)
-        live_best = np.full(len(ts_live), -1.0)
-        kept = np.flatnonzero(keep)
-        if len(kept):
-            live_best[kept] = _contour_best_iou(u, gt, ts_live[kept], y0[kept], y1[kept], x0[kept],
-                                                x1[kept], multi_contour)
-        best[live] = live_best
-    out[:] = best[inv.reshape(-1)]
+    out, t_int, e_box, u = component_tree.image_best_iou(scoremap, gt, thresholds, multi_contour,
+                                                         prune_below or 0.0)
+    open_ = np.flatnonzero(out == UNDECIDED)  # v1 levels a hole leaves open: trace them
+    if len(open_):
+        ts, first, inv = np.unique(t_int[open_], return_index=True, return_inverse=True)
+        x0, y0, x1, y1 = e_box[open_[first]].T
+        out[open_] = _largest_contour_best_iou(u, gt, ts, y0, y1, x0, x1)[inv.reshape(-1)]
     return out
 
 
-def _contour_best_iou(u: np.ndarray, gt: np.ndarray, ts: np.ndarray, y0: np.ndarray, y1: np.ndarray,
-                      x0: np.ndarray, x1: np.ndarray, multi_contour: bool) -> np.ndarray:
+def _largest_contour_best_iou(u: np.ndarray, gt: np.ndarray, ts: np.ndarray, y0: np.ndarray,
+                              y1: np.ndarray, x0: np.ndarray, x1: np.ndarray) -> np.ndarray:
+    """v1 by tracing: per threshold, the IoU of the box of the first largest contour (cv2.contourArea,
+    exact for integer points) of the crop [y0..y1, x0..x1] of ``u > t``. RETR_EXTERNAL: a hole or an
+    island never has a larger area than the outer contour around it (equal area means the same polygon,
+    hence the same box, listed after it), and the outer contours come in the same order as at the top
+    level of RETR_TREE."""
     height, width = u.shape
-    contours: list = []
-    per_t = np.empty(len(ts), np.int64)
-    offsets = np.empty((len(ts), 2), np.int64)
-    find = cv2.findContours
-    thresh = cv2.threshold
-    # V2 needs every contour (RETR_TREE, holes included). v1 needs only the first largest one: a hole
-    # or an island never has a larger area than the outer contour around it (equal area means the same
-    # polygon, hence the same box, listed after it), and the outer contours come in the same order in
-    # RETR_EXTERNAL as at the top level of RETR_TREE, so RETR_EXTERNAL picks the same box, with less tracing.
-    mode = cv2.RETR_TREE if multi_contour else cv2.RETR_EXTERNAL
+    boxes = np.empty((len(ts), 4), np.int64)
     for k in range(len(ts)):
         a, b, c, d = int(y0[k]), int(y1[k]), int(x0[k]), int(x1[k])
-        _, binary = thresh(u[a:b + 1, c:d + 1], int(ts[k]), 255, cv2.THRESH_BINARY)
-        cs = find(binary, mode, cv2.CHAIN_APPROX_SIMPLE)[0]
-        contours.extend(cs)
-        per_t[k] = len(cs)
-        offsets[k, 0] = c
-        offsets[k, 1] = a
-    n_contours = len(contours)
-    t_start = np.zeros(len(ts), np.int64)
-    np.cumsum(per_t[:-1], out=t_start[1:])
-    t_of = np.repeat(np.arange(len(ts)), per_t)
-    if not multi_contour:
-        # cv2.contourArea is exact here (integer points, double sums); the first largest per threshold
-        area = np.fromiter(map(cv2.contourArea, contours), np.float64, n_contours)
-        t_max = np.maximum.reduceat(area, t_start)
-        candidate = np.where(area == t_max[t_of], np.arange(n_contours), n_contours)
-        pick = np.minimum.reduceat(candidate, t_start)
-        rects = np.array([cv2.boundingRect(contours[i]) for i in pick.tolist()], np.int64).reshape(-1, 4)
-        off = offsets
-    else:
-        rects = np.array(list(map(cv2.boundingRect, contours)), np.int64).reshape(-1, 4)
-        off = offsets[t_of]
-    x = rects[:, 0] + off[:, 0]
-    y = rects[:, 1] + off[:, 1]
-    # box = (x, y, x + w, y + h) clipped to W−1 / H−1, as in the reference
-    boxes = np.stack([x, y, np.minimum(x + rects[:, 2], width - 1), np.minimum(y + rects[:, 3], height - 1)],
-                     axis=1)
-    best = _iou_plus1(boxes, gt).max(axis=1)
-    return best if not multi_contour else np.maximum.reduceat(best, t_start)
+        _, binary = cv2.threshold(u[a:b + 1, c:d + 1], int(ts[k]), 255, cv2.THRESH_BINARY)
+        contours = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)[0]
+        x, y, w, h = cv2.boundingRect(max(contours, key=cv2.contourArea))
+        # box = (x, y, x + w, y + h) clipped to W−1 / H−1, as in the reference; the crop's offset added
+        boxes[k] = (x + c, y + a, min(x + c + w, width - 1), min(y + a + h, height - 1))
+    return _iou_plus1(boxes, gt).max(axis=1)
 
 
 # ------------------------------------------------------------------------------------ the metric
@@ -319,7 +246,10 @@ class MaxBoxAcc(Metric):
         if self.workers > 1 and len(items) > 1:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="maxboxacc")
-            return list(self._pool.map(one, items))
+            # one task per worker (every workers-th image), not per image: less pool traffic
+            parts = list(self._pool.map(lambda k: [one(it) for it in items[k::self.workers]],
+                                        range(self.workers)))
+            return [parts[i % self.workers][i // self.workers] for i in range(len(items))]
         return [one(it) for it in items]
 
     def update(self, maps: Any, gt_boxes: Any, pred_top5: Any = None, labels: Any = None,
