@@ -376,10 +376,12 @@ def _sweep(u, ts, gt, mode, x_max, y_max, extent, parent, added, box, per_compon
                 box[c, 1] = min(box[c, 1], y)
                 box[c, 2] = max(box[c, 2], x)
                 box[c, 3] = max(box[c, 3], y)
-                first[c] = min(first[c], y * width + x)
+                if mode == LARGEST:
+                    first[c] = min(first[c], y * width + x)
             size[c] += 1
-            area2[c] += _CELLS[mask, 0]  # (meaningful for 8-connected components only)
-            euler4[c] += _CELLS[mask, 1]
+            if descending:  # area and Euler number of the 8-connected components
+                area2[c] += _CELLS[mask, 0]
+                euler4[c] += _CELLS[mask, 1]
         k = n_ts - 1 - band if descending else band  # the set is now u > ts[k] (descending) or u ≤ ts[k]
         out[k], open_[k] = _snapshot(live, n_live, box, area2, euler4, first, size, gt, height, width, x_max,
                                      y_max, extent, mode)
