@@ -139,6 +139,15 @@ def uint8_profile(scoremap: np.ndarray) -> tuple:
     return u, hist, rows, cols
 
 
+MAX_SIDE = 32767  # boxes are int16 and pixels are packed as y << 16 | x
+
+
+def _check_size(shape: tuple[int, ...]) -> None:
+    if len(shape) != 2 or not 0 < shape[0] <= MAX_SIDE or not 0 < shape[1] <= MAX_SIDE:
+        raise ValueError(f"MaxBoxAcc evaluates 2-D maps of 1 to {MAX_SIDE} pixels a side, got shape {shape}; "
+                         "resize the maps to the evaluation resolution first (wsolbench.metrics.prepare_map)")
+
+
 _local = threading.local()
 
 
@@ -158,6 +167,7 @@ def level_best_iou(u: np.ndarray, ts: np.ndarray, gt: np.ndarray, multi_contour:
     the best IoU against ``gt`` of the box(es) the reference takes from the mask ``u > t`` (largest
     contour for v1, every contour for V2), or UNDECIDED where a hole leaves v1 open."""
     u = np.ascontiguousarray(u, np.uint8)
+    _check_size(u.shape)
     return _levels(u, np.asarray(ts, np.int64), np.asarray(gt, np.int64).reshape(-1, 4), multi_contour,
                    *_workspace(u.shape))
 
@@ -168,6 +178,7 @@ def image_best_iou(scoremap: np.ndarray, gt: np.ndarray, thresholds: np.ndarray,
     the UNDECIDED levels): per τ, (best IoU or −1 if pruned or UNDECIDED, the integer threshold, the
     box x0, y0, x1, y1 of all pixels above it) and the uint8 map."""
     scoremap = np.ascontiguousarray(scoremap)
+    _check_size(scoremap.shape)
     return _image(scoremap, np.asarray(thresholds, np.float64), np.asarray(gt, np.int64).reshape(-1, 4),
                   multi_contour, float(prune_below), *_workspace(scoremap.shape))
 

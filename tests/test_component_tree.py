@@ -108,3 +108,8 @@ def test_uint8_profile_is_the_reference_conversion(dtype):
     ref = (m.astype(np.float64) * 255).astype(np.uint8)
     assert np.array_equal(u, ref) and np.array_equal(hist, np.bincount(ref.ravel(), minlength=256))
     assert np.array_equal(rows, ref.max(axis=1)) and np.array_equal(cols, ref.max(axis=0))
+
+
+def test_oversized_maps_are_refused_with_the_fix():
+    with pytest.raises(ValueError, match="prepare_map"):
+        level_best_iou(np.zeros((2, 40000), np.uint8), np.array([0]), np.array([[0, 0, 1, 1]]), False)

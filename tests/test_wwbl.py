@@ -173,6 +173,7 @@ def test_each_loss_moves_the_map_the_right_way(variant, term):
     (grad,) = torch.autograd.grad(out["loss"], theta)
     m1, out1 = objective((theta - 2.0 * grad).detach())
     assert float(out1["loss"].detach()) < float(out["loss"].detach())
+    m0 = m0.detach()
     contrast = lambda m: float(m[obj].mean() - m[~obj].mean())  # noqa: E731
     if term == "reg":
         assert float(m1.mean()) < float(m0.mean())
