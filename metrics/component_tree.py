@@ -173,10 +173,10 @@ def level_best_iou(u: np.ndarray, ts: np.ndarray, gt: np.ndarray, multi_contour:
 
 
 def image_best_iou(scoremap: np.ndarray, gt: np.ndarray, thresholds: np.ndarray, multi_contour: bool,
-                   prune_below: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   prune_below: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The MaxBoxAcc rule for one map, compiled end to end (see boxes.image_best_iou, which finishes
-    the UNDECIDED levels): per τ, (best IoU or −1 if pruned or UNDECIDED, the integer threshold, the
-    box x0, y0, x1, y1 of all pixels above it) and the uint8 map."""
+    the UNDECIDED levels): per τ the best IoU (−1 if pruned, or UNDECIDED), the integer threshold and
+    the box x0, y0, x1, y1 of all pixels above it; and the uint8 map."""
     scoremap = np.ascontiguousarray(scoremap)
     _check_size(scoremap.shape)
     return _image(scoremap, np.asarray(thresholds, np.float64), np.asarray(gt, np.int64).reshape(-1, 4),
@@ -244,6 +244,7 @@ def _first_above(profile: np.ndarray) -> np.ndarray:
 
 @njit(cache=True, nogil=True)
 def _levels(u, ts, gt, multi_contour, parent, added, box, per_component):
+    """level_best_iou, compiled: the foreground sweep, then (V2) the holes sweep where needed."""
     height, width = u.shape
     extent = np.array([width, height, -1, -1])  # covers the components whose holes are needed
     best, open_ = _sweep(u, ts, gt, ALL if multi_contour else LARGEST, width - 1, height - 1, extent,
