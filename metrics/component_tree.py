@@ -177,7 +177,9 @@ def image_best_iou(scoremap: np.ndarray, gt: np.ndarray, thresholds: np.ndarray,
     """The MaxBoxAcc rule for one map, compiled end to end (see boxes.image_best_iou, which finishes
     the UNDECIDED levels): per τ the best IoU (−1 if pruned, or UNDECIDED), the integer threshold and
     the box x0, y0, x1, y1 of all pixels above it; and the uint8 map."""
-    scoremap = np.ascontiguousarray(scoremap)
+    # float32 and float64 compile as they are; other dtypes (float16, ...) are taken exactly in float64
+    native = scoremap.dtype in (np.float32, np.float64)
+    scoremap = np.ascontiguousarray(scoremap, None if native else np.float64)
     _check_size(scoremap.shape)
     return _image(scoremap, np.asarray(thresholds, np.float64), np.asarray(gt, np.int64).reshape(-1, 4),
                   multi_contour, float(prune_below), *_workspace(scoremap.shape))

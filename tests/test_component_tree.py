@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from wsolbench.metrics.boxes import image_best_iou
 from wsolbench.metrics.component_tree import UNDECIDED, level_best_iou, uint8_profile
 
 
@@ -113,3 +114,12 @@ def test_uint8_profile_is_the_reference_conversion(dtype):
 def test_oversized_maps_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="prepare_map"):
         level_best_iou(np.zeros((2, 40000), np.uint8), np.array([0]), np.array([[0, 0, 1, 1]]), False)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_every_float_dtype_is_evaluated_as_its_float64_value(dtype):
+    rng = np.random.default_rng(8)
+    m = cv2.resize(rng.random((5, 5)), (40, 40), interpolation=cv2.INTER_CUBIC).clip(0, 1).astype(dtype)
+    gt = np.array([[5, 5, 30, 30]])
+    got = image_best_iou(m, gt, np.arange(0, 1, 0.01), False)
+    assert np.array_equal(got, image_best_iou(m.astype(np.float64), gt, np.arange(0, 1, 0.01), False))
