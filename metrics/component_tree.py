@@ -102,18 +102,22 @@ _RUNS8, _RUNS4 = _runs_table(8), _runs_table(4)
 
 
 @njit(cache=True, nogil=True)
+def _overlap(x0: int, y0: int, x1: int, y1: int, gt: np.ndarray, g: int) -> tuple:
+    """(|box ∩ G|, |G|) for GT box g, with the +1 pixel convention of boxes._iou_plus1."""
+    ix = min(x1, gt[g, 2]) - max(x0, gt[g, 0]) + 1
+    iy = min(y1, gt[g, 3]) - max(y0, gt[g, 1]) + 1
+    return max(0, ix) * max(0, iy), (gt[g, 2] - gt[g, 0] + 1) * (gt[g, 3] - gt[g, 1] + 1)
+
+
+@njit(cache=True, nogil=True)
 def _best_iou(x0: int, y0: int, x1: int, y1: int, gt: np.ndarray) -> float:
-    """Max IoU (+1 pixel convention) of one box against the GT boxes, as boxes._iou_plus1."""
+    """Max IoU of one box against the GT boxes, as boxes._iou_plus1 (a pair whose union is ≤ 0 gets 0)."""
     best = 0.0
     area_a = (x1 - x0 + 1) * (y1 - y0 + 1)
     for g in range(gt.shape[0]):
-        ix = min(x1, gt[g, 2]) - max(x0, gt[g, 0]) + 1
-        iy = min(y1, gt[g, 3]) - max(y0, gt[g, 1]) + 1
-        inter = max(0, ix) * max(0, iy)
-        den = area_a + (gt[g, 2] - gt[g, 0] + 1) * (gt[g, 3] - gt[g, 1] + 1) - inter
-        iou = inter / den if den > 0 else 0.0
-        if iou > best:
-            best = iou
+        inter, area_g = _overlap(x0, y0, x1, y1, gt, g)
+        den = area_a + area_g - inter
+        best = max(best, inter / den if den > 0 else 0.0)
     return best
 
 
@@ -270,13 +274,11 @@ def _levels(u, ts, gt, multi_contour, parent, added, box, per_component):
 
 @njit(cache=True, nogil=True)
 def _best_cover(x0: int, y0: int, x1: int, y1: int, gt: np.ndarray) -> float:
-    """Max over the GT boxes of |box ∩ G| / |G| (+1 pixel convention): no box inside this one can
-    have a higher IoU with G."""
+    """Max over the GT boxes of |box ∩ G| / |G|: no box inside this one can have a higher IoU with G."""
     best = 0.0
     for g in range(gt.shape[0]):
-        ix = min(x1, gt[g, 2]) - max(x0, gt[g, 0]) + 1
-        iy = min(y1, gt[g, 3]) - max(y0, gt[g, 1]) + 1
-        best = max(best, max(0, ix) * max(0, iy) / ((gt[g, 2] - gt[g, 0] + 1) * (gt[g, 3] - gt[g, 1] + 1)))
+        inter, area_g = _overlap(x0, y0, x1, y1, gt, g)
+        best = max(best, inter / area_g)
     return best
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from wsolbench.metrics import box_iou
 from wsolbench.metrics.boxes import image_best_iou
 from wsolbench.metrics.component_tree import UNDECIDED, level_best_iou, uint8_profile
 
@@ -16,17 +17,11 @@ def opencv_best_iou(u: np.ndarray, t: int, gt: np.ndarray, multi_contour: bool) 
     contours = cv2.findContours(((u > t) * 255).astype(np.uint8), cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[0]
     if not multi_contour:
         contours = [max(contours, key=cv2.contourArea)]
-    best = 0.0
+    boxes = []
     for c in contours:
         x, y, bw, bh = cv2.boundingRect(c)
-        b = (x, y, min(x + bw, w - 1), min(y + bh, h - 1))
-        for g in gt:
-            ix = min(b[2], g[2]) - max(b[0], g[0]) + 1
-            iy = min(b[3], g[3]) - max(b[1], g[1]) + 1
-            inter = max(0, ix) * max(0, iy)
-            den = (b[2] - b[0] + 1) * (b[3] - b[1] + 1) + (g[2] - g[0] + 1) * (g[3] - g[1] + 1) - inter
-            best = max(best, inter / den if den > 0 else 0.0)
-    return best
+        boxes.append((x, y, min(x + bw, w - 1), min(y + bh, h - 1)))
+    return float(box_iou(boxes, gt).max())
 
 
 def has_hole(mask: np.ndarray) -> bool:
