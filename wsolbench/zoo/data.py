@@ -94,14 +94,19 @@ def make_pool(n: int, size: int, seed: int, *, multi_fraction: float = 0.25, tes
                      crop_labels=np.asarray(crop_labels, np.int64))
 
 
-def to_tensor(images: np.ndarray, mean, std, flip_rng: np.random.Generator | None = None):
-    """uint8 N×H×W×3 → float N×3×H×W normalised; random horizontal flips when ``flip_rng`` is given."""
+def random_flips(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Which of ``n`` training images to flip horizontally (each with probability ½)."""
+    return rng.random(n) < 0.5
+
+
+def to_tensor(images: np.ndarray, mean, std, flip: np.ndarray | None = None):
+    """uint8 N×H×W×3 → float N×3×H×W normalised; the images where ``flip`` is True flipped horizontally."""
     import torch
 
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
-    if flip_rng is not None:
-        flip = torch.from_numpy(flip_rng.random(len(images)) < 0.5)
-        x[flip] = x[flip].flip(-1)
+    if flip is not None:
+        f = torch.from_numpy(np.asarray(flip, dtype=bool))
+        x[f] = x[f].flip(-1)
     m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
     return (x - m) / s
