@@ -474,10 +474,10 @@ def train_unet(scale: str, pool, test, seed: int, prog: _Progress, vae, text_enc
     _seed_torch(seed, "unet")
     unet = create_unet(scale)
     sf = vae.config.scaling_factor
-    with torch.no_grad():  # latent distribution of every training image, once
-        means, stds = [], []
-        for a in range(0, len(pool), 128):
-            post = vae.encode(to_pm1(pool.images[a:a + 128])).latent_dist
+    with torch.no_grad():  # latent distribution of every training image, once (chunks of 16: the same
+        means, stds = [], []  # numbers as chunks of 128, a third faster on this 2-core CPU)
+        for a in range(0, len(pool), 16):
+            post = vae.encode(to_pm1(pool.images[a:a + 16])).latent_dist
             means.append(post.mean)
             stds.append(post.std)
         means, stds = torch.cat(means), torch.cat(stds)
