@@ -336,64 +336,80 @@ def _sweep(u, ts, gt, mode, x_max, y_max, extent, parent, added, box, per_compon
     out = np.empty(len(ts), np.float64)
     open_ = np.zeros(len(ts), np.bool_)
     i = 0
+    # the previous pixel (y << 16 | x), its neighbourhood mask, its root and its component
+    prev, prev_mask, r, c = -2, 0, -1, -1
     for band in range(n_ts):
         while i < end[band]:
-            y = order[i] >> 16
-            x = order[i] & 0xFFFF
+            e = order[i]
+            y = e >> 16
+            x = e & 0xFFFF
             p = (y + 1) * wp + x + 1
             i += 1
-            mask = 0
-            for j in range(len(offsets)):
-                mask |= added[p + offsets[j]] << j
-            added[p] = 1
-            r = -1  # the pixel's root: the first neighbour's, the others' merged into it
-            for j in range(1, 1 + runs[mask, 0]):
-                a = _root(parent, p + offsets[runs[mask, j]])
-                if r < 0:
-                    r = a
-                    continue
-                if a == r:
-                    continue
-                if size[-2 - parent[r]] < size[-2 - parent[a]]:  # the smaller joins the larger
-                    r, a = a, r
-                c, d = -2 - parent[r], -2 - parent[a]  # merge component d into c
-                parent[a] = r
-                size[c] += size[d]
-                box[c, 0] = min(box[c, 0], box[d, 0])
-                box[c, 1] = min(box[c, 1], box[d, 1])
-                box[c, 2] = max(box[c, 2], box[d, 2])
-                box[c, 3] = max(box[c, 3], box[d, 3])
-                area2[c] += area2[d]
-                first[c] = min(first[c], first[d])
-                euler4[c] += euler4[d]
-                last = live[n_live - 1]  # remove d (swap it with the last live component)
-                live[slot[d]] = last
-                slot[last] = slot[d]
-                n_live -= 1
-            if r < 0:  # a new component
-                c = n_made
-                n_made += 1
-                parent[p] = -2 - c
-                box[c, 0] = x
-                box[c, 1] = y
-                box[c, 2] = x
-                box[c, 3] = y
-                area2[c] = 0
-                euler4[c] = 0
-                size[c] = 0
-                first[c] = y * width + x
-                live[n_live] = c
-                slot[c] = n_live
-                n_live += 1
+            run = e == prev + 1  # it is right of the previous pixel: its mask shifts by one column
+            if run:
+                mask = (prev_mask >> 1 & 0b11 | prev_mask << 1 & 0b1100000 | 0b10000000
+                        | added[p - wp + 1] << 2 | added[p + 1] << 3 | added[p + wp + 1] << 4)
             else:
-                c = -2 - parent[r]
+                mask = 0
+                for j in range(len(offsets)):
+                    mask |= added[p + offsets[j]] << j
+            added[p] = 1
+            prev, prev_mask = e, mask
+            if run and runs[mask, 0] == 1:
+                # its added neighbours are one group, holding the previous pixel: that pixel's component
+                # (r, c), in the same row, one column to the left
                 parent[p] = r
-                box[c, 0] = min(box[c, 0], x)
-                box[c, 1] = min(box[c, 1], y)
                 box[c, 2] = max(box[c, 2], x)
-                box[c, 3] = max(box[c, 3], y)
-                if mode == LARGEST:
-                    first[c] = min(first[c], y * width + x)
+            else:
+                r = -1  # the pixel's root: the first neighbour's, the others' merged into it
+                for j in range(1, 1 + runs[mask, 0]):
+                    a = _root(parent, p + offsets[runs[mask, j]])
+                    if r < 0:
+                        r = a
+                        continue
+                    if a == r:
+                        continue
+                    if size[-2 - parent[r]] < size[-2 - parent[a]]:  # the smaller joins the larger
+                        r, a = a, r
+                    c, d = -2 - parent[r], -2 - parent[a]  # merge component d into c
+                    parent[a] = r
+                    size[c] += size[d]
+                    box[c, 0] = min(box[c, 0], box[d, 0])
+                    box[c, 1] = min(box[c, 1], box[d, 1])
+                    box[c, 2] = max(box[c, 2], box[d, 2])
+                    box[c, 3] = max(box[c, 3], box[d, 3])
+                    area2[c] += area2[d]
+                    first[c] = min(first[c], first[d])
+                    euler4[c] += euler4[d]
+                    last = live[n_live - 1]  # remove d (swap it with the last live component)
+                    live[slot[d]] = last
+                    slot[last] = slot[d]
+                    n_live -= 1
+                if r < 0:  # a new component
+                    c = n_made
+                    n_made += 1
+                    parent[p] = -2 - c
+                    r = p
+                    box[c, 0] = x
+                    box[c, 1] = y
+                    box[c, 2] = x
+                    box[c, 3] = y
+                    area2[c] = 0
+                    euler4[c] = 0
+                    size[c] = 0
+                    first[c] = y * width + x
+                    live[n_live] = c
+                    slot[c] = n_live
+                    n_live += 1
+                else:
+                    c = -2 - parent[r]
+                    parent[p] = r
+                    box[c, 0] = min(box[c, 0], x)
+                    box[c, 1] = min(box[c, 1], y)
+                    box[c, 2] = max(box[c, 2], x)
+                    box[c, 3] = max(box[c, 3], y)
+                    if mode == LARGEST:
+                        first[c] = min(first[c], y * width + x)
             size[c] += 1
             if descending:  # area and Euler number of the 8-connected components
                 area2[c] += _CELLS[mask, 0]
