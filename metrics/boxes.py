@@ -25,6 +25,8 @@ random and blob-like maps) while doing less work:
   cannot settle v1's largest contour (components with holes of uncertain area), that threshold alone is
   traced with cv2.findContours as above (RETR_EXTERNAL on the crop to the pixels above the threshold:
   the largest contour is always an outer one, listed in the same order as at the top of RETR_TREE);
+- V2 needs a hole's box only where it could lift the level's best IoU to the next δ (the holes lie
+  inside their component's box, so IoU ≤ |C ∩ G| / |G| bounds them);
 - ``workers`` > 1 spreads the images of a batch over threads (numba and OpenCV release the GIL).
 """
 from __future__ import annotations
@@ -74,13 +76,14 @@ def _iou_plus1(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------ the engine
 def image_best_iou(scoremap: np.ndarray, gt_boxes: np.ndarray, thresholds: np.ndarray,
-                   multi_contour: bool, prune_below: float | None = None) -> np.ndarray:
+                   multi_contour: bool, deltas: Sequence[float] = ()) -> np.ndarray:
     """Per τ: the best IoU of the image's box(es) at τ against its GT boxes (float64, exactly the value
-    the reference loop computes). With ``prune_below`` (a fraction, e.g. 0.3), thresholds whose boxes
-    provably all have IoU < prune_below get −1 instead of being computed."""
+    the reference loop computes). Given the IoU thresholds ``deltas`` (fractions, e.g. 0.3, 0.5, 0.7)
+    the result will be compared with, only those comparisons are kept exact: thresholds whose boxes
+    provably all have IoU < min(deltas) get −1, and V2 skips holes that cannot reach the next δ."""
     gt = np.asarray(gt_boxes, np.int64).reshape(-1, 4)
     out, t_int, e_box, u = component_tree.image_best_iou(scoremap, gt, thresholds, multi_contour,
-                                                         prune_below or 0.0)
+                                                         np.sort(np.asarray(deltas, np.float64)))
     open_ = np.flatnonzero(out == UNDECIDED)  # v1 levels a hole leaves open: trace them
     if len(open_):
         ts, first, inv = np.unique(t_int[open_], return_index=True, return_inverse=True)
@@ -127,7 +130,8 @@ class MaxBoxAcc(Metric):
 
     State: per (δ, τ) counts of correct images (and of correct-and-top-1/top-5-right images).
     ``workers`` threads evaluate the images of a batch (default: min(4, CPU count); 0 or 1 = serial);
-    the numbers do not depend on it. ``prune=False`` disables the exact skipping of hopeless τ.
+    the numbers do not depend on it. ``prune=False`` disables the exact skipping of hopeless τ (and of
+    V2 holes that cannot change a count).
     """
 
     higher_is_better: ClassVar[dict[str, bool]] = {
@@ -238,10 +242,10 @@ class MaxBoxAcc(Metric):
         return items, preds_l is not None
 
     def _best_ious(self, items: list) -> list[np.ndarray]:
-        prune_below = min(self.iou_thresholds) / 100 if self.prune else None
+        deltas = [d / 100 for d in self.iou_thresholds] if self.prune else []
 
         def one(item):
-            return image_best_iou(item[0], item[1], self.thresholds, self.multi_contour, prune_below)
+            return image_best_iou(item[0], item[1], self.thresholds, self.multi_contour, deltas)
 
         if self.workers > 1 and len(items) > 1:
             if self._pool is None:

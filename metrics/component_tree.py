@@ -173,24 +173,28 @@ def level_best_iou(u: np.ndarray, ts: np.ndarray, gt: np.ndarray, multi_contour:
     u = np.ascontiguousarray(u, np.uint8)
     _check_size(u.shape)
     return _levels(u, np.asarray(ts, np.int64), np.asarray(gt, np.int64).reshape(-1, 4), multi_contour,
-                   *_workspace(u.shape))
+                   _EXACT, *_workspace(u.shape))
+
+
+_EXACT = np.empty(0)  # no IoU thresholds: every level's best IoU exactly
 
 
 def image_best_iou(scoremap: np.ndarray, gt: np.ndarray, thresholds: np.ndarray, multi_contour: bool,
-                   prune_below: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                   deltas: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The MaxBoxAcc rule for one map, compiled end to end (see boxes.image_best_iou, which finishes
     the UNDECIDED levels): per τ the best IoU (−1 if pruned, or UNDECIDED), the integer threshold and
-    the box x0, y0, x1, y1 of all pixels above it; and the uint8 map."""
+    the box x0, y0, x1, y1 of all pixels above it; and the uint8 map. ``deltas``: the IoU thresholds
+    (ascending fractions) the result is compared with; empty for exact values."""
     # float32 and float64 compile as they are; other dtypes (float16, ...) are taken exactly in float64
     native = scoremap.dtype in (np.float32, np.float64)
     scoremap = np.ascontiguousarray(scoremap, None if native else np.float64)
     _check_size(scoremap.shape)
     return _image(scoremap, np.asarray(thresholds, np.float64), np.asarray(gt, np.int64).reshape(-1, 4),
-                  multi_contour, float(prune_below), *_workspace(scoremap.shape))
+                  multi_contour, np.asarray(deltas, np.float64), *_workspace(scoremap.shape))
 
 
 @njit(cache=True, nogil=True)
-def _image(scoremap, thresholds, gt, multi_contour, prune_below, parent, added, box, per_component):
+def _image(scoremap, thresholds, gt, multi_contour, deltas, parent, added, box, per_component):
     u, hist, rows, cols = uint8_profile(scoremap)
     height, width = u.shape
     n_tau = len(thresholds)
@@ -220,16 +224,16 @@ def _image(scoremap, thresholds, gt, multi_contour, prune_below, parent, added, 
         if count == 0:  # no contour: the box is [0, 0, 0, 0]
             out[i] = _best_iou(0, 0, 0, 0, gt)
             continue
-        # IoU(B, G) ≤ |E ∩ G| / |G| for every contour box B inside E: skip when < prune_below for all G
+        # IoU(B, G) ≤ |E ∩ G| / |G| for every contour box B inside E: skip when below the smallest δ
         cover = _best_cover(x0, y0, min(x1 + 1, width - 1), min(y1 + 1, height - 1), gt)
-        if cover < prune_below * (1 - 1e-9):
+        if len(deltas) and cover < deltas[0] * (1 - 1e-9):
             continue
         if count != previous:
             ts[n_levels] = t_int[i]
             n_levels += 1
             previous = count
         level_of[i] = n_levels - 1
-    best = _levels(u, ts[:n_levels], gt, multi_contour, parent, added, box, per_component)
+    best = _levels(u, ts[:n_levels], gt, multi_contour, deltas, parent, added, box, per_component)
     for i in range(n_tau):
         if level_of[i] >= 0:
             out[i] = best[level_of[i]]
@@ -249,11 +253,11 @@ def _first_above(profile: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True)
-def _levels(u, ts, gt, multi_contour, parent, added, box, per_component):
+def _levels(u, ts, gt, multi_contour, deltas, parent, added, box, per_component):
     """level_best_iou, compiled: the foreground sweep, then (V2) the holes sweep where needed."""
     height, width = u.shape
     extent = np.array([width, height, -1, -1])  # covers the components whose holes are needed
-    best, open_ = _sweep(u, ts, gt, ALL if multi_contour else LARGEST, width - 1, height - 1, extent,
+    best, open_ = _sweep(u, ts, gt, ALL if multi_contour else LARGEST, width - 1, height - 1, extent, deltas,
                          parent, added, box, per_component)
     if not multi_contour:
         for k in range(len(ts)):
@@ -266,8 +270,8 @@ def _levels(u, ts, gt, multi_contour, parent, added, box, per_component):
         x0, y0, x1, y1 = extent
         crop = u[y0:y1 + 1, x0:x1 + 1]
         shifted = gt - np.array([x0, y0, x0, y0])
-        holes, _ = _sweep(crop, ts[open_], shifted, HOLES, width - 1 - x0, height - 1 - y0, extent, parent,
-                          added, box, per_component)
+        holes, _ = _sweep(crop, ts[open_], shifted, HOLES, width - 1 - x0, height - 1 - y0, extent, deltas,
+                          parent, added, box, per_component)
         best[open_] = np.maximum(best[open_], holes)
     return best
 
@@ -283,7 +287,7 @@ def _best_cover(x0: int, y0: int, x1: int, y1: int, gt: np.ndarray) -> float:
 
 
 @njit(cache=True, nogil=True)
-def _sweep(u, ts, gt, mode, x_max, y_max, extent, parent, added, box, per_component):
+def _sweep(u, ts, gt, mode, x_max, y_max, extent, deltas, parent, added, box, per_component):
     """Add the pixels of ``u`` highest first, joining each to its 8-connected added neighbours (the
     components of u > t), or for HOLES lowest first and 4-connected (the components of u ≤ t); once
     the set of a threshold t in ``ts`` is complete, score its boxes (``_snapshot``; boxes are clipped
@@ -416,17 +420,19 @@ def _sweep(u, ts, gt, mode, x_max, y_max, extent, parent, added, box, per_compon
                 euler4[c] += _CELLS[mask, 1]
         k = n_ts - 1 - band if descending else band  # the set is now u > ts[k] (descending) or u ≤ ts[k]
         out[k], open_[k] = _snapshot(live, n_live, box, area2, euler4, first, size, gt, height, width, x_max,
-                                     y_max, extent, mode)
+                                     y_max, extent, deltas, mode)
     return out, open_
 
 
 @njit(cache=True, nogil=True)
-def _snapshot(live, n_live, box, area2, euler4, first, size, gt, height, width, x_max, y_max, extent, mode):
+def _snapshot(live, n_live, box, area2, euler4, first, size, gt, height, width, x_max, y_max, extent, deltas,
+              mode):
     """(best IoU, undecided) of one level's boxes.
 
     ALL: every component's box; undecided when a component with a hole has a box overlapping a GT
     box enough that the box of one of its holes (which lies inside it) could score higher:
-    IoU(H, G) ≤ |C ∩ G| / |G|.
+    IoU(H, G) ≤ |C ∩ G| / |G|; given IoU thresholds ``deltas``, only if it could also reach the next
+    one above the level's best (else the best stays in the same interval between thresholds).
     HOLES: every hole's box (−1 if none): a hole's contour runs through the pixels around it, one
     pixel outside its own box. LARGEST: the box of the component with the largest outer-contour area;
     undecided when a component with a hole could change the choice (it encloses more than its own
@@ -447,11 +453,19 @@ def _snapshot(live, n_live, box, area2, euler4, first, size, gt, height, width, 
             c = live[j]
             best = max(best, _best_iou(box[c, 0], box[c, 1], min(box[c, 2] + 1, x_max),
                                        min(box[c, 3] + 1, y_max), gt))
+        # with IoU thresholds, a hole matters only if it could reach the next one the level has not
+        need = best
+        if len(deltas):
+            need = np.inf
+            for d in deltas:
+                if d > best:
+                    need = d
+                    break
         undecided = False
         for j in range(n_live):
             c = live[j]
             if euler4[c] != 4 and _best_cover(box[c, 0], box[c, 1], min(box[c, 2] + 1, x_max),
-                                              min(box[c, 3] + 1, y_max), gt) > best:
+                                              min(box[c, 3] + 1, y_max), gt) > max(best, need - 1e-12):
                 undecided = True  # its holes are needed: they lie inside its box, which ``extent`` covers
                 extent[0] = min(extent[0], box[c, 0])
                 extent[1] = min(extent[1], box[c, 1])

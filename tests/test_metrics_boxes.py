@@ -213,7 +213,7 @@ def test_fast_path_equals_reference_loop(multi_contour, interval):
     for m, g in zip(maps, gts):
         ref = reference_best_iou(m, g, thr, multi_contour)
         assert np.array_equal(image_best_iou(m, g, thr, multi_contour), ref)
-        pruned = image_best_iou(m, g, thr, multi_contour, prune_below=0.3)
+        pruned = image_best_iou(m, g, thr, multi_contour, deltas=(0.3, 0.5, 0.7))
         for d in (0.3, 0.5, 0.7):
             assert np.array_equal(pruned >= d, ref >= d)
     res = max_box_acc(maps, gts, cam_curve_interval=interval, multi_contour=multi_contour)
