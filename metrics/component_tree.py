@@ -21,7 +21,8 @@ component's own cells, and the components inside a hole are listed out of raster
 where a holed component could change the choice is returned UNDECIDED: the caller traces that level
 with OpenCV. V2's hole boxes come from a second, ascending sweep over the background (4-connected
 components of u ≤ t that do not reach the image frame), run only for the levels where a hole's box
-could beat the outer boxes.
+could beat the outer boxes (and, given the IoU thresholds the result is compared with, reach the next
+one: MaxBoxAcc keeps nothing finer).
 """
 from __future__ import annotations
 
