@@ -65,9 +65,10 @@ TRAIN: dict[str, dict] = {
 }
 
 # Threads: results are deterministic for a fixed thread count. The tiny zoo uses 2 (where the CPU has them):
-# on this project's idle 2-core machine that builds all six models in 15-17 min instead of ~25 with one; on a
-# CPU shared with other jobs a second thread can cost more in synchronisation than it gains (measured 5-8x
-# slower per step under load), so set WSOLBENCH_ZOO_THREADS=1 there. The micro zoo (tests) uses one.
+# on this project's idle 2-core machine that builds all six models in ~15 min (14.5-17 measured, the VM's
+# speed varies) instead of ~25 with one; on a CPU shared with other jobs a second thread can cost more in
+# synchronisation than it gains (measured 5-8x slower per step under load), so set WSOLBENCH_ZOO_THREADS=1
+# there. The micro zoo (tests) uses one.
 DEFAULT_THREADS = {"micro": 1, "tiny": min(2, os.cpu_count() or 1)}
 
 # Quality must clearly beat chance: (figure, threshold) checked for the tiny zoo.
