@@ -29,7 +29,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .data import random_flips, to_tensor
+from .data import flip_where, random_flips, to_tensor
 from .specs import IMAGENET_MEAN, IMAGENET_STD, OPENAI_MEAN, OPENAI_STD, spec
 
 MANIFEST = "manifest.json"
@@ -398,7 +398,7 @@ def train_vae(scale: str, pool, test, seed: int, prog: _Progress):
         for step in range(cfg["steps"]):
             _set_lr(opt, _lr_at(step, cfg["steps"], cfg["lr"]))
             idx = rng.choice(len(pool), size=min(cfg["batch"], len(pool)), replace=False)
-            x = to_pm1(pool.images[idx], rng)
+            x = to_pm1(pool.images[idx], flip=random_flips(rng, len(idx)))
             post = vae.encode(x).latent_dist
             z = post.mean + post.std * torch.randn_like(post.mean)
             rec = vae.decode(z).sample
@@ -422,15 +422,13 @@ def train_vae(scale: str, pool, test, seed: int, prog: _Progress):
     return vae, {"psnr_db": round(10 * math.log10(1.0 / max(mse, 1e-10)), 2), "scaling_factor": round(scaling, 5)}
 
 
-def to_pm1(images: np.ndarray, flip_rng: np.random.Generator | None = None):
-    """uint8 N×H×W×3 → float N×3×H×W in [-1, 1] (Stable Diffusion's VAE input)."""
+def to_pm1(images: np.ndarray, flip: np.ndarray | None = None):
+    """uint8 N×H×W×3 → float N×3×H×W in [-1, 1] (Stable Diffusion's VAE input); the images where ``flip``
+    is True flipped horizontally."""
     import torch
 
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-    if flip_rng is not None:
-        flip = torch.from_numpy(flip_rng.random(len(images)) < 0.5)
-        x[flip] = x[flip].flip(-1)
-    return x
+    return flip_where(x, flip)
 
 
 def _encode_text(text_encoder, tokenizer, texts: list[str]):

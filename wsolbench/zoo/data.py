@@ -99,14 +99,22 @@ def random_flips(rng: np.random.Generator, n: int) -> np.ndarray:
     return rng.random(n) < 0.5
 
 
+def flip_where(x, flip: np.ndarray | None):
+    """Flip the images (N×C×H×W tensor, in place) where ``flip`` is True horizontally; returns x."""
+    import torch
+
+    if flip is not None:
+        f = torch.from_numpy(np.asarray(flip, dtype=bool))
+        x[f] = x[f].flip(-1)
+    return x
+
+
 def to_tensor(images: np.ndarray, mean, std, flip: np.ndarray | None = None):
     """uint8 N×H×W×3 → float N×3×H×W normalised; the images where ``flip`` is True flipped horizontally."""
     import torch
 
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
-    if flip is not None:
-        f = torch.from_numpy(np.asarray(flip, dtype=bool))
-        x[f] = x[f].flip(-1)
+    x = flip_where(x, flip)
     m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
     return (x - m) / s
