@@ -454,19 +454,20 @@ def _snapshot(live, n_live, box, area2, euler4, first, size, gt, height, width, 
             c = live[j]
             best = max(best, _best_iou(box[c, 0], box[c, 1], min(box[c, 2] + 1, x_max),
                                        min(box[c, 3] + 1, y_max), gt))
-        # with IoU thresholds, a hole matters only if it could reach the next one the level has not
-        need = best
+        # the cover a holed component needs for its holes to matter: above the best (exact values), or
+        # with IoU thresholds reaching the next one the level has not (none left: never)
+        bar = best
         if len(deltas):
-            need = np.inf
+            bar = np.inf
             for d in deltas:
                 if d > best:
-                    need = d
+                    bar = max(best, d - 1e-12)
                     break
         undecided = False
         for j in range(n_live):
             c = live[j]
             if euler4[c] != 4 and _best_cover(box[c, 0], box[c, 1], min(box[c, 2] + 1, x_max),
-                                              min(box[c, 3] + 1, y_max), gt) > max(best, need - 1e-12):
+                                              min(box[c, 3] + 1, y_max), gt) > bar:
                 undecided = True  # its holes are needed: they lie inside its box, which ``extent`` covers
                 extent[0] = min(extent[0], box[c, 0])
                 extent[1] = min(extent[1], box[c, 1])

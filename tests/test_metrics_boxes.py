@@ -290,7 +290,6 @@ def test_validation_names_the_image(maps, boxes, match):
     assert metric.count == 1  # a rejected batch leaves the state untouched
 
 
-
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_first_invalid_image_is_reported_whatever_the_workers(workers):
     # items 3 and 4 are both bad; the workers validate interleaved images, the error names item 3
@@ -299,6 +298,7 @@ def test_first_invalid_image_is_reported_whatever_the_workers(workers):
     with pytest.raises(MetricInputError, match=r"item 3 of this batch"):
         metric.update([good] * 3 + [bad, bad, good], [[[0, 0, 1, 1]]] * 6)
     assert metric.count == 0 and not metric.state_dict()["num_correct"].any()
+
 
 def test_original_pixel_boxes_with_image_sizes():
     m = _blob(224, 224, (56, 56, 167, 167))
