@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from wsolbench.imaging import as_image_list, to_float_chw
-from wsolbench.localizer import Capability, Localizer, LocalizerOutput
+from wsolbench.localizer import Capability, ImageMeta, Localizer, LocalizerOutput
 from wsolbench.registry import register_method
 
 
@@ -38,7 +38,7 @@ class CenterPrior(Localizer):
     capabilities = frozenset({Capability.SINGLE, Capability.MULTI, Capability.PHRASE})
 
     def localize(self, images: Any, classes: Sequence[Any] | None = None,
-                 texts: Sequence[Any] | None = None) -> LocalizerOutput:
+                 texts: Sequence[Any] | None = None, meta: Sequence[ImageMeta] | None = None) -> LocalizerOutput:
         batch = len(as_image_list(images))
         k = _num_queries(self, classes, texts, batch)
         res = int(self.config.get("resolution", 56))
@@ -56,7 +56,7 @@ class RandomMap(Localizer):
     capabilities = frozenset({Capability.SINGLE, Capability.MULTI, Capability.PHRASE})
 
     def localize(self, images: Any, classes: Sequence[Any] | None = None,
-                 texts: Sequence[Any] | None = None) -> LocalizerOutput:
+                 texts: Sequence[Any] | None = None, meta: Sequence[ImageMeta] | None = None) -> LocalizerOutput:
         imgs = as_image_list(images)
         k = _num_queries(self, classes, texts, len(imgs))
         res = int(self.config.get("resolution", 14))

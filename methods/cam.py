@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsolbench.localizer import Capability, InputError, Localizer, LocalizerOutput
+from wsolbench.localizer import Capability, ImageMeta, InputError, Localizer, LocalizerOutput
 from wsolbench.registry import register_method
 from wsolbench.weights import MissingWeightsError  # noqa: F401  (re-exported: what fit() raises)
 
@@ -487,7 +487,7 @@ class CAM(Localizer):
 
     # -- inference --
     def localize(self, images: Any, classes: Sequence[Any] | None = None,
-                 texts: Sequence[Any] | None = None) -> LocalizerOutput:
+                 texts: Sequence[Any] | None = None, meta: Sequence[ImageMeta] | None = None) -> LocalizerOutput:
         if texts is not None:
             self.require(Capability.PHRASE)
         x = self.preprocess(images)

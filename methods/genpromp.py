@@ -67,7 +67,7 @@ from torch import nn
 
 from wsolbench.attention_maps import (AttentionLayer, AttentionRecorder, select_layers, unet_attention_layers)
 from wsolbench.imaging import as_image_list, to_float_chw
-from wsolbench.localizer import Capability, InputError, Localizer, LocalizerOutput
+from wsolbench.localizer import Capability, ImageMeta, InputError, Localizer, LocalizerOutput
 from wsolbench.registry import register_method
 from wsolbench.weights import diffusers_load_kwargs, load_diffusers_folder
 
@@ -617,9 +617,11 @@ class GenPromp(Localizer):
         return self.classifier(images, image_ids)
 
     def localize(self, images: Any, classes: Sequence[Any] | None = None, texts: Sequence[Any] | None = None,
-                 image_ids: Sequence[str] | None = None) -> LocalizerOutput:
+                 meta: Sequence[ImageMeta] | None = None) -> LocalizerOutput:
         imgs = as_image_list(images)
         b = len(imgs)
+        checked = self.image_meta(meta, b)
+        image_ids = [m.image_id for m in checked] if checked else None
         if texts is not None:
             self.require(Capability.PHRASE)
             queries = self.text_queries(texts, b)

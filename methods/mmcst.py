@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsolbench.localizer import Capability, InputError, Localizer, LocalizerOutput
+from wsolbench.localizer import Capability, ImageMeta, InputError, Localizer, LocalizerOutput
 from wsolbench.registry import register_method
 
 log = logging.getLogger(__name__)
@@ -748,7 +748,7 @@ class MMCST(Localizer):
 
     @torch.no_grad()
     def localize(self, images: Any, classes: Sequence[Any] | None = None,
-                 texts: Sequence[Any] | None = None) -> LocalizerOutput:
+                 texts: Sequence[Any] | None = None, meta: Sequence[ImageMeta] | None = None) -> LocalizerOutput:
         from wsolbench.imaging import as_image_list
 
         if texts is not None:

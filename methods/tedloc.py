@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsolbench.localizer import Capability, InputError, Localizer, LocalizerOutput
+from wsolbench.localizer import Capability, ImageMeta, InputError, Localizer, LocalizerOutput
 from wsolbench.registry import register_method
 from wsolbench.weights import MissingWeightsError
 
@@ -772,7 +772,7 @@ class TeDLoc(Localizer):
     # ---------------------------------------------------------------- inference
     @torch.no_grad()
     def localize(self, images: Any, classes: Sequence[Any] | None = None,
-                 texts: Sequence[Any] | None = None) -> LocalizerOutput:
+                 texts: Sequence[Any] | None = None, meta: Sequence[ImageMeta] | None = None) -> LocalizerOutput:
         if texts is not None:
             self.require(Capability.PHRASE)
         if not bool(self.head.anchors_ready.item()):

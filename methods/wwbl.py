@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from wsolbench.localizer import Capability, InputError, Localizer, LocalizerOutput
+from wsolbench.localizer import Capability, ImageMeta, InputError, Localizer, LocalizerOutput
 from wsolbench.registry import register_method
 from wsolbench.weights import MissingWeightsError  # noqa: F401 - what the paper profile raises without weights
 
@@ -590,7 +590,7 @@ class WWbL(Localizer):
 
     # ----------------------------------------------------------------------------------- interface
     def localize(self, images: Any, classes: Sequence[Any] | None = None,
-                 texts: Sequence[Any] | None = None) -> LocalizerOutput:
+                 texts: Sequence[Any] | None = None, meta: Sequence[ImageMeta] | None = None) -> LocalizerOutput:
         from wsolbench.imaging import as_image_list
 
         imgs = as_image_list(images)

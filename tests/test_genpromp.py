@@ -12,7 +12,7 @@ pytest.importorskip("diffusers")
 
 from wsolbench.attention_maps import AttentionLayer  # noqa: E402
 from wsolbench.config import load_method_config  # noqa: E402
-from wsolbench.localizer import Capability  # noqa: E402
+from wsolbench.localizer import Capability, ImageMeta  # noqa: E402
 
 gp = importlib.import_module("wsolbench.methods.genpromp")
 CLASSES = ["star", "heart", "ring"]
@@ -193,8 +193,8 @@ def test_predictions_json_classifier(tmp_path, method):
     try:
         out = method.localize_predicted(_images(2), k=2, image_ids=["cls0/img0.jpg", "x/img1"])
         assert out.classes == [[1, 2], [0, 1]] and out.maps.shape == (2, 2, 8, 8)
-        assert method.localize(_images(2), classes=[0, 1], image_ids=["cls0/img0", "img1"]).logits.shape == (2, 3)
-        own = method.localize(_images(2), image_ids=["cls0/img0", "img1"])  # the classifier's top-1 class
+        assert method.localize(_images(2), classes=[0, 1], meta=[ImageMeta("cls0/img0"), ImageMeta("img1")]).logits.shape == (2, 3)
+        own = method.localize(_images(2), meta=[ImageMeta("cls0/img0"), ImageMeta("img1")])  # the classifier's top-1 class
         assert own.classes == [[1], [0]] and torch.allclose(own.maps[:, 0], out.maps[:, 0], atol=1e-5)
     finally:
         method.classifier = None

@@ -108,6 +108,25 @@ class _Evaluator:
         return {name: m.options() for name, m in any_variant.items() if name != "health"}
 
 
+def localize(method: Any, images: list, samples: Sequence[Any], **queries: Any) -> Any:
+    """``method.localize`` with each image's ``ImageMeta``; a plugin whose ``localize`` predates the ``meta``
+    argument is called without it."""
+    import inspect
+
+    params = inspect.signature(method.localize).parameters
+    if "meta" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        queries["meta"] = image_meta(samples, images)
+    return method.localize(images, **queries)
+
+
+def image_meta(samples: Sequence[Any], images: Sequence[Any]) -> list:
+    """The ``ImageMeta`` of each sample (id, path, original size) that ``localize`` receives."""
+    from wsolbench.localizer import ImageMeta
+
+    return [ImageMeta(image_id=s.image_id, path=str(s.image_path) if s.image_path else None,
+                      size=tuple(s.size) if s.size else tuple(im.size)) for s, im in zip(samples, images)]
+
+
 def _maps_by_variant(out: Any) -> dict[str, np.ndarray]:
     maps = {"default": out.maps}
     maps.update(out.extras or {})
@@ -143,7 +162,7 @@ class _BoxEvaluator(_Evaluator):
 
         size = int(self.hcfg["eval_size"])
         labels = [s.label for s in samples]
-        out = self.method.localize(images, classes=labels)
+        out = localize(self.method, images, samples, classes=labels)
         top5 = None
         if out.logits is not None:
             top5 = out.logits.detach().float().cpu().topk(min(5, out.logits.shape[1]), dim=1).indices.tolist()
@@ -201,7 +220,7 @@ class _MaskEvaluator(_Evaluator):
         from wsolbench.metrics import prepare_map
 
         size = int(self.hcfg["eval_size"])
-        out = self.method.localize(images, classes=[s.label for s in samples])
+        out = localize(self.method, images, samples, classes=[s.label for s in samples])
         masks, ignores = zip(*(_resize_mask_pair(s.load_mask(), size) for s in samples))
         batch = {}
         for variant, arr in _maps_by_variant(out).items():
@@ -232,7 +251,7 @@ class _DenseEvaluator(_Evaluator):
     def process(self, samples, images):
         from wsolbench.metrics import normalize_per_class
 
-        out = self.method.localize(images, classes=None)
+        out = localize(self.method, images, samples, classes=None)
         batch = {}
         label_maps = [s.load_label_map() for s in samples]
         present = [sorted(set(int(c) for c in s.labels)) for s in samples]
@@ -277,7 +296,7 @@ class _PhraseEvaluator(_Evaluator):
         for s, img in zip(samples, images):
             w, h = img.size
             for g in grounding_samples([s]):
-                out = self.method.localize([img], texts=[list(g.phrases)])
+                out = localize(self.method, [img], [s], texts=[list(g.phrases)])
                 for variant, arr in _maps_by_variant(out).items():
                     m = cv2.resize(arr[0].mean(axis=0).astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
                     mets = batch.setdefault(variant, {**self.new_metrics(), "health": MapHealth()})

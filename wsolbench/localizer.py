@@ -44,6 +44,19 @@ class LocalizerOutput:
     extras: dict[str, Any] = field(default_factory=dict)  # named variant maps, e.g. {"zp_dot_t": B×K×H×W}
 
 
+@dataclass(frozen=True)
+class ImageMeta:
+    """What the harness knows about one input image beyond its pixels (the ``meta`` argument of ``localize``).
+
+    Methods that read per-image side information (e.g. GenPromp's official classifier predictions, keyed by
+    image name) use it; the rest ignore it. ``size`` is the original (W, H), before any resize.
+    """
+
+    image_id: str
+    path: str | None = None
+    size: tuple[int, int] | None = None
+
+
 class InputError(TypeError):
     """An input the interface cannot use; the message says what was received and what is expected."""
 
@@ -78,12 +91,13 @@ class Localizer(abc.ABC):
     # ---- the interface ------------------------------------------------------------------------------
     @abc.abstractmethod
     def localize(self, images: Any, classes: Sequence[Any] | None = None,
-                 texts: Sequence[Any] | None = None) -> LocalizerOutput:
+                 texts: Sequence[Any] | None = None, meta: Sequence[ImageMeta] | None = None) -> LocalizerOutput:
         """Maps for a batch.
 
         ``classes``: None (the method's own prediction / all classes, see the capability), one int per
         image (K=1), or one equal-length list of ints per image. ``texts``: one string or one equal-length
-        list of strings per image (``phrase``).
+        list of strings per image (``phrase``). ``meta``: one ``ImageMeta`` per image (the harness always
+        passes it); a method that needs it and did not get it raises ``InputError`` naming what is missing.
         """
 
     def fit(self, train_data: Any, *, val_data: Any = None, out_dir: str | Path | None = None,
@@ -137,6 +151,16 @@ class Localizer(abc.ABC):
     def class_queries(self, classes: Sequence[Any] | None, batch: int) -> list[list[int]] | None:
         """Normalise the ``classes`` argument to one equal-length list of ints per image (or None)."""
         return normalize_queries(classes, batch, kind="classes", item_type=(int, np.integer))
+
+    def image_meta(self, meta: Sequence[ImageMeta] | None, batch: int) -> list[ImageMeta] | None:
+        """Check the ``meta`` argument: None, or one ``ImageMeta`` per image."""
+        if meta is None:
+            return None
+        meta = list(meta)
+        if len(meta) != batch or not all(isinstance(m, ImageMeta) for m in meta):
+            raise InputError(f"meta must hold one ImageMeta per image ({batch}), got {len(meta)} "
+                             f"of {sorted({type(m).__name__ for m in meta})}")
+        return meta
 
     def text_queries(self, texts: Sequence[Any] | None, batch: int) -> list[list[str]] | None:
         return normalize_queries(texts, batch, kind="texts", item_type=(str,))
