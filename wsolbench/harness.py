@@ -691,7 +691,7 @@ def _versions() -> dict[str, str]:
 
     out = {"python": platform.python_version()}
     for pkg in ("wsolbench", "torch", "torchvision", "numpy", "timm", "open_clip_torch", "diffusers",
-                "transformers", "opencv-python-headless"):
+                "transformers", "opencv-contrib-python-headless"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
