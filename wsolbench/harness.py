@@ -23,6 +23,8 @@ import yaml
 
 from .config import load_harness_config, load_method_config, split_overrides
 from .io import atomic_path, write_json, write_text
+from .records import MAPS_DIR, dense_records, image_records, phrase_record
+from .records import finish as finish_records
 from .registry import DATASETS, METHODS, create_dataset, get_method_class
 
 
@@ -64,6 +66,7 @@ class RunResult:
 class _Evaluator:
     task: str = ""
     capability: str = "single"
+    maps_dir: Path | None = None  # where records.py writes each image's map for the report (None: not kept)
 
     def __init__(self, hcfg: dict, dataset: Any, method: Any) -> None:
         self.hcfg = hcfg
@@ -171,8 +174,10 @@ class _BoxEvaluator(_Evaluator):
         if self.with_masks:
             masks, ignores = zip(*(_resize_mask_pair(s.load_mask(), size) for s in samples))
         batch: dict[str, dict[str, Any]] = {}
+        prepared: dict[str, list] = {}
         for variant, arr in _maps_by_variant(out).items():
-            maps = [prepare_map(arr[i, 0], (size, size), dtype=np.float64) for i in range(len(samples))]
+            maps = prepared[variant] = [prepare_map(arr[i, 0], (size, size), dtype=np.float64)
+                                        for i in range(len(samples))]
             mets = self.fresh(arr[:, :1])
             mets["v1"].update(maps, gt, pred_top5=top5, labels=labels if top5 else None)
             mets["v2"].update(maps, gt)
@@ -181,8 +186,8 @@ class _BoxEvaluator(_Evaluator):
             if masks is not None:
                 mets["pxap"].update(maps, list(masks), list(ignores))
             batch[variant] = mets
-        records = [{"image_id": s.image_id, "label": s.label, **({"top5": top5[i]} if top5 else {})}
-                   for i, s in enumerate(samples)]
+        records = image_records(samples, out, _maps_by_variant(out), prepared, self.maps_dir, gt, masks, ignores,
+                                self.hcfg["cam_curve_interval"])
         return batch, records
 
     def summarize(self, mets, policy):
@@ -222,13 +227,14 @@ class _MaskEvaluator(_Evaluator):
         size = int(self.hcfg["eval_size"])
         out = localize(self.method, images, samples, classes=[s.label for s in samples])
         masks, ignores = zip(*(_resize_mask_pair(s.load_mask(), size) for s in samples))
-        batch = {}
+        batch, prepared = {}, {}
         for variant, arr in _maps_by_variant(out).items():
             mets = self.fresh(arr[:, :1])
-            mets["pxap"].update([prepare_map(arr[i, 0], (size, size), dtype=np.float64) for i in range(len(samples))],
-                                list(masks), list(ignores))
+            prepared[variant] = [prepare_map(arr[i, 0], (size, size), dtype=np.float64) for i in range(len(samples))]
+            mets["pxap"].update(prepared[variant], list(masks), list(ignores))
             batch[variant] = mets
-        return batch, [{"image_id": s.image_id, "label": s.label} for s in samples]
+        return batch, image_records(samples, out, _maps_by_variant(out), prepared, self.maps_dir, masks=masks,
+                                    ignores=ignores, cam_curve_interval=self.hcfg["cam_curve_interval"])
 
     def summarize(self, mets, policy):
         px = mets["pxap"].compute(_p(policy, "pxap"))
@@ -252,7 +258,7 @@ class _DenseEvaluator(_Evaluator):
         from wsolbench.metrics import normalize_per_class
 
         out = localize(self.method, images, samples, classes=None)
-        batch = {}
+        batch, dense_maps = {}, {}
         label_maps = [s.load_label_map() for s in samples]
         present = [sorted(set(int(c) for c in s.labels)) for s in samples]
         for variant, arr in _maps_by_variant(out).items():
@@ -264,8 +270,9 @@ class _DenseEvaluator(_Evaluator):
                 per_class.append(normalize_per_class(arr[i, idx], (w, h)))
             mets = self.fresh(arr)
             mets["miou"].update(per_class, present, label_maps)
-            batch[variant] = mets
-        return batch, [{"image_id": s.image_id, "labels": list(s.labels)} for s in samples]
+            batch[variant], dense_maps[variant] = mets, per_class
+        return batch, dense_records(samples, dense_maps, _maps_by_variant(out), present, label_maps,
+                                    lambda: self.new_metrics()["miou"], self.maps_dir)
 
     def summarize(self, mets, policy):
         r = mets["miou"].compute(_p(policy, "miou"))
@@ -297,13 +304,15 @@ class _PhraseEvaluator(_Evaluator):
             w, h = img.size
             for g in grounding_samples([s]):
                 out = localize(self.method, [img], [s], texts=[list(g.phrases)])
+                entity_maps = {}
                 for variant, arr in _maps_by_variant(out).items():
-                    m = cv2.resize(arr[0].mean(axis=0).astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+                    m = entity_maps[variant] = cv2.resize(arr[0].mean(axis=0).astype(np.float32), (w, h),
+                                                          interpolation=cv2.INTER_LINEAR)
                     mets = batch.setdefault(variant, {**self.new_metrics(), "health": MapHealth()})
                     mets["health"].update(list(arr[0]))
                     mets["pointing"].update([m], [g.boxes])
                     mets["box"].update([m], [g.boxes])
-                records.append({"image_id": s.image_id, "entity": g.entity_id, "phrases": list(g.phrases)})
+                records.append(phrase_record(s, g, entity_maps, self.maps_dir))
         if not batch:  # a batch with no gradable phrase still leaves an (empty) shard
             batch["default"] = {**self.new_metrics(), "health": MapHealth()}
         return batch, records
@@ -451,8 +460,10 @@ def run(spec: RunSpec) -> RunResult:
         policies = _val_policies(spec, hcfg, method, run_dir, task)
     elif hcfg["threshold_policy"] == "fixed":
         policies = {"*": _fixed_policy(hcfg)}
+    evaluator.maps_dir = run_dir / MAPS_DIR
     skipped = _evaluate(evaluator, dataset, run_dir / "cache", hcfg, spec.progress, f"{method_name}/{dataset_name}")
     results = evaluator.compute(_policy_map(policies, evaluator))
+    finish_records(run_dir, evaluator, _policy_map(policies, evaluator))  # records at the chosen τ, curves.json
     record = {
         "run_id": run_id, "method": method_name, "dataset": dataset_name, "dataset_key": dataset_key,
         "split": spec.split, "profile": spec.profile, "task": task, "n_images": len(dataset) - len(skipped),

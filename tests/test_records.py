@@ -1,0 +1,120 @@
+"""Per-image records (wsolbench.records): fields, agreement with the metric states, resume, stored maps."""
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from wsolbench import records
+from wsolbench.harness import RunSpec, run
+from wsolbench.metrics import PxAP, ThresholdPolicy, box_iou
+from wsolbench.metrics.boxes import image_best_iou
+from wsolbench.metrics.base import threshold_grid
+
+
+@pytest.fixture(scope="module")
+def random_run(tmp_path_factory):
+    """A 20-image `random` run on synthetic-cub (boxes + masks), batches of 8 (the last one partial)."""
+    tmp = tmp_path_factory.mktemp("records")
+    with pytest.MonkeyPatch.context() as mp:
+        for var, sub in (("WSOLBENCH_DATA", "data"), ("WSOLBENCH_CACHE", "cache"), ("WSOLBENCH_WEIGHTS", "w"),
+                         ("WSOLBENCH_CONFIG", "config.yaml")):
+            mp.setenv(var, str(tmp / sub))
+        spec = RunSpec(method="random", dataset="synthetic-cub", profile="tiny", limit=20, out=tmp / "runs",
+                       progress=False, overrides=("harness.batch_size=8",))
+        res = run(spec)
+        yield spec, res
+
+
+def test_records_hold_the_fields_and_their_hits_are_the_metric_counts(random_run):
+    _, res = random_run
+    recs = records.read(res.run_dir)
+    assert len(recs) == 20 == res.record["n_images"]
+    r0 = recs[0]
+    assert {"image_id", "label", "path", "gt_boxes", "variants"} <= set(r0)
+    v = r0["variants"]["default"]
+    assert {"health", "point", "point_hit", "v1", "v2", "piou"} <= set(v)
+    assert set(v["health"]) == {"nonfinite", "constant"}
+    assert {"tau", "iou", "hit", "boxes", "best_iou"} <= set(v["v1"])
+    results = res.record["results"]["default"]
+    n = len(recs)
+    for rule, prefix in (("v1", "v1_"), ("v2", "v2_")):
+        for d in ("30", "50", "70"):
+            hits = sum(r["variants"]["default"][rule]["hit"][d] for r in recs)
+            assert hits == round(results[f"{prefix}maxboxacc_iou{d}"] * n / 100)
+            taus = {r["variants"]["default"][rule]["tau"][d] for r in recs}
+            assert taus == {results[f"{prefix}best_tau_iou{d}"]}
+    hits50 = sum(r["variants"]["default"]["v1"]["hit"]["50"] for r in recs)
+    assert hits50 == round(results["maxboxacc"] * n / 100)
+    assert 0 < hits50 < n  # random maps: some images hit, some miss (the check could fail both ways)
+
+
+def test_records_boxes_and_iou_at_the_chosen_tau_match_the_metric_engine(random_run):
+    """The stored 8-bit map gives back, at the chosen τ, the IoU the metric's own engine computes."""
+    _, res = random_run
+    grid = threshold_grid(0.01)
+    for rec in records.read(res.run_dir)[:6]:
+        u = records.load_map(records.map_path(res.run_dir / records.MAPS_DIR, "default", rec["image_id"]))
+        assert u.dtype == np.uint8 and u.shape == (224, 224)
+        gt = np.asarray(rec["gt_boxes"])
+        for rule, multi in records.RULES.items():
+            out = rec["variants"]["default"][rule]
+            tau = out["tau"]["50"]
+            curve = image_best_iou((u + 0.5) / 255.0, gt, grid, multi)  # re-quantises to the same u
+            k = int(np.argmin(np.abs(grid - tau)))
+            assert out["best_iou"] == pytest.approx(curve[k], abs=1e-6)
+            assert box_iou(out["boxes"], gt).max() == pytest.approx(out["best_iou"], abs=1e-6)
+
+
+def test_boxes_at_is_the_metric_rule_on_blob_maps():
+    """boxes_at at every τ of the grid gives exactly the metric engine's per-τ best IoU (v1 and V2)."""
+    rng = np.random.default_rng(3)
+    grid = threshold_grid(0.05)
+    for _ in range(4):
+        m = cv2.GaussianBlur(rng.random((64, 64)), (0, 0), 4)
+        m = (m - m.min()) / (m.max() - m.min())
+        gt = np.array([[10, 12, 40, 50], [30, 5, 60, 30]])
+        u = records.quantize(m)
+        for multi in (False, True):
+            ref = image_best_iou(m, gt, grid, multi)
+            ours = [box_iou(records.boxes_at(u, t, multi), gt).max() for t in grid]
+            np.testing.assert_array_equal(ours, ref)
+
+
+def test_image_piou_is_pxap_on_the_image_alone():
+    rng = np.random.default_rng(0)
+    m = rng.random((32, 32))
+    fg = np.zeros((32, 32), bool)
+    fg[8:20, 6:24] = True
+    px = PxAP(0.01)
+    px.update([m], [fg])
+    expect = px.compute(ThresholdPolicy.fixed({"piou": 0.37}))["piou"]
+    hist = records._pxap_hist(m, fg, None, 0.01)
+    assert records._image_piou(hist, px, 0.37) == pytest.approx(expect, abs=1e-4)
+
+
+def test_resume_keeps_the_records(random_run):
+    spec, res = random_run
+    before = (res.run_dir / records.PER_IMAGE).read_text()
+    from dataclasses import replace
+
+    again = run(replace(spec, resume=True))
+    assert (again.run_dir / records.PER_IMAGE).read_text() == before
+    assert json.loads((again.run_dir / records.CURVES).read_text())["default"]["v1"]["tau"][:3] == [0.0, 0.01, 0.02]
+
+
+def test_worst_sorts_by_iou_at_the_chosen_tau(random_run):
+    _, res = random_run
+    recs = records.read(res.run_dir)
+    bad = records.worst(recs, 5)
+    ious = [r["variants"]["default"]["v1"]["best_iou"] for r in bad]
+    assert ious == sorted(ious) and ious[-1] <= min(
+        r["variants"]["default"]["v1"]["best_iou"] for r in recs if r not in bad)
+
+
+def test_map_path_keeps_id_folders_and_refuses_escapes(tmp_path):
+    p = records.map_path(tmp_path, "default", "001.star/a b.jpg")
+    assert p == tmp_path / "default" / "001.star" / "a_b.jpg.png"
+    assert records.map_path(tmp_path, "v", "../../etc/x", "_c3") == tmp_path / "v" / "etc" / "x_c3.png"

@@ -1,0 +1,295 @@
+"""Per-image records of a run (``per_image.jsonl``) and the small maps the report draws (``maps/``).
+
+While a batch is scored, each evaluator calls ``image_records`` (or ``dense_records`` / ``phrase_record``):
+it returns one JSON-able record per image (prediction, map health, pointing point, GT at the evaluation
+size) and writes every variant's map as an 8-bit PNG ``maps/<variant>/<image id>.png``. The PNG holds
+u = uint8(map · 255), exactly the values MaxBoxAcc binarises (``u > int(τ · max u)``), so boxes recomputed
+from it at any τ are the metric's boxes; a CUB-like 224×224 map takes a few kB. Records travel through
+the cache shards with the metric states, so a resumed run has them too.
+
+The τ a protocol reads a metric at is known only after the last batch (oracle τ), so ``finish`` runs once
+the metrics are computed: per image and variant it adds the box(es) at the chosen τ, the IoU there and
+hit / miss per δ (MaxBoxAcc), the pixel IoU at the chosen τ (PxAP), the mIoU at the chosen background
+threshold (dense), then rewrites ``per_image.jsonl`` and writes ``curves.json`` (the metrics' per-τ
+curves) for the report. The hit counts of the records equal the metric's counts (tested).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from .io import write_text
+
+MAPS_DIR = "maps"
+PER_IMAGE = "per_image.jsonl"
+CURVES = "curves.json"
+RULES = {"v1": False, "v2": True}  # MaxBoxAcc metric name in the evaluator -> multi_contour
+
+
+# ------------------------------------------------------------------------------------------ map files
+def map_path(root: Path, variant: str, image_id: str, suffix: str = "") -> Path:
+    """Where the map of ``image_id`` (``suffix``: a class or entity) lives under ``root`` (the run's
+    ``maps/``); ids with path separators keep them as folders, anything else odd becomes '_'."""
+    parts = [re.sub(r"[^A-Za-z0-9._-]", "_", p) for p in str(image_id).replace("\\", "/").split("/")
+             if p not in ("", ".", "..")]
+    return Path(root, variant, *parts[:-1], parts[-1] + suffix + ".png")
+
+
+def quantize(scoremap: np.ndarray) -> np.ndarray:
+    """u = uint8(map · 255) with the map in float64: MaxBoxAcc's binarisation input (truncation)."""
+    return (np.asarray(scoremap, np.float64) * 255.0).astype(np.uint8)
+
+
+def save_map(path: Path, u8: np.ndarray) -> None:
+    import cv2
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), np.ascontiguousarray(u8)):
+        raise OSError(f"cannot write map {path}")
+
+
+def load_map(path: Path) -> np.ndarray | None:
+    """The 8-bit map stored at ``path`` (None when the run did not store it)."""
+    import cv2
+
+    return cv2.imread(str(path), cv2.IMREAD_UNCHANGED) if Path(path).exists() else None
+
+
+# ------------------------------------------------------------------------------------ box rule at one τ
+def boxes_at(u: np.ndarray, tau: float, multi_contour: bool) -> np.ndarray:
+    """The box(es) MaxBoxAcc takes at τ (wsolevaluation's rule, see metrics/boxes.py): contours of
+    u > int(τ · max u) (RETR_TREE, CHAIN_APPROX_SIMPLE), boundingRect clipped to W−1/H−1; the largest
+    contour (first on ties, v1) or all of them (V2); no contour gives [0, 0, 0, 0]."""
+    import cv2
+
+    t = int(np.float64(tau) * np.float64(u.max()))
+    binary = ((u > min(t, 255)) * 255).astype(np.uint8)
+    contours = cv2.findContours(binary, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[0]
+    if not contours:
+        return np.zeros((1, 4), np.int64)
+    if not multi_contour:
+        contours = [max(contours, key=cv2.contourArea)]
+    h, w = u.shape
+    rects = [cv2.boundingRect(c) for c in contours]
+    return np.array([(x, y, min(x + bw, w - 1), min(y + bh, h - 1)) for x, y, bw, bh in rects], np.int64)
+
+
+# ------------------------------------------------------------------------------- records during a batch
+def _prediction(logits: Any, i: int) -> dict[str, Any]:
+    if logits is None:
+        return {}
+    import torch
+
+    row = logits[i].detach().float().cpu()
+    probs = torch.softmax(row, dim=0)
+    top5 = row.topk(min(5, row.numel())).indices.tolist()
+    return {"top5": top5, "pred_class": top5[0], "pred_score": round(float(probs[top5[0]]), 6)}
+
+
+def _health(raw: np.ndarray) -> dict[str, bool]:
+    """The map's health flags, by the rule the run's counts use (``MapHealth``)."""
+    from .harness import MapHealth
+
+    h = MapHealth()
+    h.update([raw])
+    c = h.compute()
+    return {"nonfinite": bool(c["nonfinite_maps"]), "constant": bool(c["constant_maps"])}
+
+
+def _point(m: np.ndarray) -> list[int]:
+    """The pointing point: the map's argmax (first in row-major order) as [x, y]."""
+    y, x = np.unravel_index(int(np.argmax(m)), m.shape)
+    return [int(x), int(y)]
+
+
+def image_records(samples: Sequence[Any], out: Any, raw: dict[str, np.ndarray],
+                  prepared: dict[str, list[np.ndarray]], maps_dir: Path | None,
+                  gt_boxes: Sequence[np.ndarray] | None = None, masks: Sequence[np.ndarray] | None = None,
+                  ignores: Sequence[np.ndarray] | None = None, cam_curve_interval: float = 0.01) -> list[dict]:
+    """One record per image of a boxes/masks batch: id, label, path, prediction (top-5, class, softmax
+    score), GT boxes at the evaluation size, and per variant the health flags, the pointing point (and
+    whether it falls in a GT box), and, with masks, the image's PxAP histograms (for its pIoU at the
+    chosen τ). Writes each variant's map (and the GT mask) under ``maps_dir`` when given."""
+    records = []
+    for i, s in enumerate(samples):
+        rec: dict[str, Any] = {"image_id": s.image_id, "label": s.label, "path": str(s.image_path),
+                               **_prediction(getattr(out, "logits", None), i)}
+        if gt_boxes is not None:
+            rec["gt_boxes"] = np.asarray(gt_boxes[i], np.int64).tolist()
+        variants = {}
+        for variant, maps in prepared.items():
+            v: dict[str, Any] = {"health": _health(raw[variant][i, 0]), "point": _point(maps[i])}
+            if gt_boxes is not None:
+                x, y = v["point"]
+                b = np.asarray(gt_boxes[i]).reshape(-1, 4)
+                v["point_hit"] = bool(((b[:, 0] <= x) & (x <= b[:, 2]) & (b[:, 1] <= y) & (y <= b[:, 3])).any())
+            if masks is not None:
+                v["pxap_hist"] = _pxap_hist(maps[i], masks[i], ignores[i] if ignores else None, cam_curve_interval)
+            if maps_dir is not None:
+                save_map(map_path(maps_dir, variant, s.image_id), quantize(maps[i]))
+            variants[variant] = v
+        if masks is not None and maps_dir is not None:
+            save_map(map_path(maps_dir, "gt", s.image_id), masks[i].astype(np.uint8) * 255)
+        rec["variants"] = variants
+        records.append(rec)
+    return records
+
+
+def _pxap_hist(m: np.ndarray, fg: np.ndarray, ign: np.ndarray | None, interval: float) -> list[list[int]]:
+    from wsolbench.metrics import PxAP
+
+    px = PxAP(interval, allow_empty_gt=True)
+    px.update([m], [fg], [ign])
+    return [px.state_dict()["fg_hist"].tolist(), px.state_dict()["bg_hist"].tolist()]
+
+
+def dense_records(samples: Sequence[Any], per_class: dict[str, list[np.ndarray]], raw: dict[str, np.ndarray],
+                  present: Sequence[Sequence[int]], label_maps: Sequence[np.ndarray], metric_factory: Any,
+                  maps_dir: Path | None) -> list[dict]:
+    """One record per image of a dense (VOC/COCO) batch: the present classes, and per variant the health
+    flags, each present class's pointing point and the image's own mIoU per background threshold (from
+    a one-image ``DenseMIoU``: ``metric_factory()``); each class map is written as ``<id>_c<k>.png``."""
+    records = []
+    for i, s in enumerate(samples):
+        variants = {}
+        for variant, maps in per_class.items():
+            one = metric_factory()
+            one.update([maps[i]], [present[i]], [label_maps[i]])
+            flags = [_health(raw[variant][i, k]) for k in range(raw[variant].shape[1])]
+            variants[variant] = {
+                "health": {k: any(f[k] for f in flags) for k in ("nonfinite", "constant")},
+                "points": {str(c): _point(maps[i][j]) for j, c in enumerate(present[i])},
+                "miou_curve": np.round(one.curves()["miou"], 4).tolist()}
+            if maps_dir is not None:
+                for j, c in enumerate(present[i]):
+                    save_map(map_path(maps_dir, variant, s.image_id, f"_c{c}"), quantize(maps[i][j]))
+        records.append({"image_id": s.image_id, "labels": list(s.labels), "path": str(s.image_path),
+                        "variants": variants})
+    return records
+
+
+def phrase_record(sample: Any, entity: Any, maps: dict[str, np.ndarray], maps_dir: Path | None) -> dict:
+    """One record per (image, entity): the phrases, GT boxes (original pixels), and per variant the pointing
+    point, whether it hits a GT box (``PhrasePointing``) and WWbL's predicted box."""
+    from wsolbench.metrics import PhrasePointing
+    from wsolbench.metrics.grounding import generate_box
+
+    variants = {}
+    for variant, m in maps.items():
+        pp = PhrasePointing()
+        pp.update([m], [entity.boxes])
+        finite = bool(np.isfinite(m).all())
+        variants[variant] = {"health": {"nonfinite": not finite, "constant": finite and float(m.max()) == float(m.min())},
+                             "point": _point(m), "point_hit": bool(int(pp.state_dict()["hits"])),
+                             "boxes": [[round(float(c), 2) for c in generate_box(m)]] if finite else []}
+        if maps_dir is not None and finite:
+            lo, hi = float(m.min()), float(m.max())
+            norm = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
+            save_map(map_path(maps_dir, variant, sample.image_id, f"_e{entity.entity_id}"), quantize(norm))
+    return {"image_id": sample.image_id, "entity": entity.entity_id, "phrases": list(entity.phrases),
+            "path": str(sample.image_path), "gt_boxes": np.asarray(entity.boxes).tolist(), "variants": variants}
+
+
+# --------------------------------------------------------------------------------- after the last batch
+def finish(run_dir: Path, evaluator: Any, policies: Any = None) -> list[dict]:
+    """Complete ``per_image.jsonl`` with what depends on the chosen τ and write ``curves.json``; returns the
+    records. ``policies`` is what ``evaluator.compute`` was given ({variant: per-metric policy} or None)."""
+    run_dir = Path(run_dir)
+    path = run_dir / PER_IMAGE
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] \
+        if path.exists() else []
+    chosen: dict[str, dict[str, dict]] = {}
+    curves: dict[str, dict[str, dict]] = {}
+    for variant, mets in evaluator.metrics.items():
+        policy = (policies or {}).get(variant)
+        for name, m in mets.items():
+            if not hasattr(m, "curves") or m.count == 0:
+                continue
+            chosen.setdefault(variant, {})[name] = m.compute(policy.for_metric(name) if policy else None)
+            curves.setdefault(variant, {})[name] = {k: np.asarray(v, np.float64).tolist()
+                                                   for k, v in m.curves().items()}
+    maps_root = run_dir / MAPS_DIR
+    for rec in records:
+        for variant, v in rec.get("variants", {}).items():
+            got = chosen.get(variant, {})
+            for name, result in got.items():
+                if name in RULES and "gt_boxes" in rec:
+                    u = load_map(map_path(maps_root, variant, rec["image_id"]))
+                    if u is not None:
+                        v[name] = box_outcome(u, np.asarray(rec["gt_boxes"]), result, RULES[name])
+                elif name == "pxap" and "pxap_hist" in v:
+                    v["piou"] = _image_piou(v.pop("pxap_hist"), evaluator.metrics[variant][name],
+                                            result["best_tau_piou"])
+                elif name == "miou" and "miou_curve" in v:
+                    j = int(np.argmin(np.abs(np.asarray(curves[variant][name]["bg_threshold"])
+                                             - result["best_tau_miou"])))
+                    v["miou"] = v.pop("miou_curve")[j]
+                    v["bg_threshold"] = result["best_tau_miou"]
+            v.pop("pxap_hist", None)
+    write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+    write_text(run_dir / CURVES, json.dumps(curves))
+    return records
+
+
+def box_outcome(u: np.ndarray, gt: np.ndarray, result: dict, multi_contour: bool) -> dict[str, Any]:
+    """Per δ of a MaxBoxAcc result: τ_δ (the chosen τ), the best IoU of the box(es) at τ_δ over the GT
+    boxes, and hit = IoU ≥ δ/100; ``boxes`` are those at the τ of δ=50 (or the first δ)."""
+    from wsolbench.metrics import box_iou
+
+    deltas = result["iou_thresholds"]
+    head = 50 if 50 in deltas else deltas[0]
+    out: dict[str, Any] = {"tau": {}, "iou": {}, "hit": {}}
+    by_tau: dict[float, tuple[np.ndarray, float]] = {}
+    for d in deltas:
+        key = f"iou{int(d)}" if float(d).is_integer() else f"iou{d:g}"
+        tau = float(result[f"best_tau_{key}"])
+        if tau not in by_tau:
+            boxes = boxes_at(u, tau, multi_contour)
+            by_tau[tau] = (boxes, float(box_iou(boxes, gt).max()))
+        boxes, iou = by_tau[tau]
+        out["tau"][str(d)], out["iou"][str(d)], out["hit"][str(d)] = tau, round(iou, 6), bool(iou >= d / 100)
+        if d == head:
+            out["boxes"] = boxes.tolist()
+            out["best_iou"] = round(iou, 6)
+    return out
+
+
+def _image_piou(hist: list[list[int]], metric: Any, tau: float) -> float:
+    """The image's own pixel IoU (%) at τ, by the metric's rule on its one-image histograms."""
+    from wsolbench.metrics import ThresholdPolicy
+
+    one = type(metric)(metric.cam_curve_interval, allow_empty_gt=True)
+    one.load_state_dict({"fg_hist": np.asarray(hist[0]), "bg_hist": np.asarray(hist[1]), "count": np.asarray(1)})
+    if not one.state_dict()["fg_hist"].any():
+        return 0.0
+    return round(float(one.compute(ThresholdPolicy.fixed({"piou": tau}))["piou"]), 4)
+
+
+def read(run_dir: Path) -> list[dict]:
+    """The records of a finished run."""
+    path = Path(run_dir) / PER_IMAGE
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def failure_key(record: dict, variant: str = "default") -> float:
+    """Sort key putting the worst-localised images first: the best IoU at the chosen τ (boxes), the pixel
+    IoU (masks), the mIoU (dense), pointing hit (phrases); records without a score sort last."""
+    v = record.get("variants", {}).get(variant, {})
+    for rule in ("v1", "v2"):
+        if rule in v:
+            return float(v[rule]["best_iou"])
+    for key in ("piou", "miou"):
+        if key in v:
+            return float(v[key])
+    if "point_hit" in v:
+        return float(v["point_hit"])
+    return float("inf")
+
+
+def worst(records: Iterable[dict], n: int, variant: str = "default") -> list[dict]:
+    """The ``n`` records with the lowest ``failure_key`` (stable: ties keep run order)."""
+    return sorted(records, key=lambda r: failure_key(r, variant))[:n]
