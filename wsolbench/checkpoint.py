@@ -1,8 +1,9 @@
 """Safe persistence of methods: safetensors for tensors, YAML for config; no pickled code is ever loaded."""
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 import yaml
 
@@ -68,3 +69,119 @@ def load_localizer(cls: Any, directory: Path, device: str = "cpu", config: dict 
                              class_names=meta.get("class_names"), device=device)
     method.load_state_dict(load_tensors(directory / WEIGHTS_FILE, device=device))
     return method
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Foreign checkpoints (a file written by another code base): loaded exactly, or refused with the reason
+# ---------------------------------------------------------------------------------------------------------
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model; the message is one line naming the file and the fix."""
+
+
+@dataclass
+class LoadReport:
+    """What a strict load did: every tensor of the file and of the model is accounted for (the run records it)."""
+
+    where: str
+    loaded: list[str]  # model tensors set from the file
+    missing: list[str] = field(default_factory=list)  # model tensors the file lacks, allowed by ``partial``
+    unexpected: list[str] = field(default_factory=list)  # file tensors the model lacks, allowed by ``partial``
+    ignored: dict[str, str] = field(default_factory=dict)  # file tensors the method's reader drops, and why
+    partial: list[str] = field(default_factory=list)  # the names/prefixes the user allowed to be partial
+    layout: str | None = None  # the file layout the method recognised (e.g. "mctformer-v2")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        s = f"{self.where}: loaded {len(self.loaded)} tensors"
+        if self.layout:
+            s += f" ({self.layout} layout)"
+        if self.missing or self.unexpected:
+            s += f"; partial load ({', '.join(self.partial)}): {len(self.missing)} model tensors left as they " \
+                 f"were, {len(self.unexpected)} file tensors unused"
+        if self.ignored:
+            s += f"; {len(self.ignored)} file tensors dropped by the reader"
+        return s
+
+
+def _named(name: str, partial: Iterable[str]) -> str | None:
+    """The entry of ``partial`` that covers ``name`` (equal, or a prefix ending at a dot), or None."""
+    for entry in partial:
+        stem = entry.rstrip(".")
+        if name == stem or name.startswith(stem + "."):
+            return entry
+    return None
+
+
+def _examples(names: list[str], n: int = 4) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def partial_names(config: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """The partial load a user asked for in a method config (``load.partial``: tensor names or prefixes)."""
+    entries = ((config or {}).get("load") or {}).get("partial") or ()
+    if isinstance(entries, str):
+        entries = [entries]
+    return tuple(str(e) for e in entries)
+
+
+def load_exact(module: Any, state: Mapping[str, Any], *, partial: Iterable[str] = (), where: str | Path = "checkpoint",
+               ignored: Mapping[str, str] | None = None, layout: str | None = None) -> LoadReport:
+    """Load ``state`` into ``module`` so that every model tensor comes from the file and every file tensor is used.
+
+    A model tensor missing from ``state`` or a ``state`` tensor the model lacks raises ``CheckpointError``
+    unless a ``partial`` entry (a tensor name, or a prefix such as ``text_proj``) names it; a shape mismatch
+    always raises; so does a ``partial`` entry that names nothing (a typo would silently allow nothing).
+    ``ignored`` lists file tensors the caller's reader deliberately dropped (name → reason), for the record.
+    """
+    import torch
+
+    where = str(where)
+    partial = tuple(partial)
+    own = module.state_dict()
+    shape_bad = [f"{k} (file {tuple(v.shape)}, model {tuple(own[k].shape)})" for k, v in state.items()
+                 if k in own and torch.is_tensor(v) and tuple(v.shape) != tuple(own[k].shape)]
+    if shape_bad:
+        raise CheckpointError(f"{where}: {len(shape_bad)} tensors have other shapes than the model's: "
+                              f"{_examples(shape_bad, 3)}; the file was written for another architecture "
+                              "(check the backbone and the number of classes)")
+    missing = sorted(k for k in own if k not in state)
+    unexpected = sorted(k for k in state if k not in own)
+    bad_missing = [k for k in missing if _named(k, partial) is None]
+    bad_unexpected = [k for k in unexpected if _named(k, partial) is None]
+    if bad_missing or bad_unexpected:
+        parts = []
+        if bad_missing:
+            parts.append(f"{len(bad_missing)} of the model's {len(own)} tensors are not in the file "
+                         f"({_examples(bad_missing)})")
+        if bad_unexpected:
+            parts.append(f"{len(bad_unexpected)} tensors of the file are not in the model "
+                         f"({_examples(bad_unexpected)})")
+        raise CheckpointError(f"{where}: {'; '.join(parts)}: the file does not match this model; use the matching "
+                              "config, or allow a partial load by name (--set load.partial=[name_or_prefix,...])")
+    unused = [e for e in partial if not any(_named(k, [e]) for k in missing + unexpected)]
+    if unused:
+        raise CheckpointError(f"{where}: load.partial names {unused}, which match no missing or unused tensor; "
+                              "remove them (tensor names are the model's state_dict keys)")
+    module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return LoadReport(where=where, loaded=sorted(k for k in state if k in own), missing=missing,
+                      unexpected=unexpected, ignored=dict(ignored or {}), partial=list(partial), layout=layout)
+
+
+def load_foreign_method(cls: Any, path: str | Path, config: dict, class_names: Any, device: str = "cpu") -> Any:
+    """``cls.load_foreign`` with its failures as ``CheckpointError`` (one line naming the file and the fix)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path} (a file written by other code, or a directory "
+                              "written by Localizer.save)")
+    try:
+        return cls.load_foreign(path, config, class_names, device)
+    except NotImplementedError as exc:
+        raise CheckpointError(str(exc)) from exc
+
+
+def load_record(method: Any) -> dict | None:
+    """What ``--checkpoint FILE`` loaded into ``method`` (its ``LoadReport``), for the run's metrics.json."""
+    report = getattr(method, "load_report", None)
+    return report.to_dict() if report is not None else None

@@ -17,7 +17,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("runs"), help="runs directory (default: runs/)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run (same flags)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    p.add_argument("--checkpoint", type=Path, default=None, help="a saved method directory: skip training")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="skip training: a saved method directory, or a checkpoint FILE of the method's own code "
+                        "(methods that read one, e.g. an MCTformer file for mmcst)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. train.lr=1e-4 (method) or harness.batch_size=8")
     p.add_argument("--data-root", type=Path, default=None, help="dataset directory (default: WSOLBENCH_DATA/<name>)")

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import yaml
 
+from .checkpoint import CheckpointError, load_foreign_method, load_record
 from .config import load_harness_config, load_method_config, split_overrides
 from .io import atomic_path, write_json, write_text
 from .records import MAPS_DIR, dense_records, image_records, phrase_record
@@ -431,8 +432,8 @@ def run(spec: RunSpec) -> RunResult:
         spec = replace(spec, split=DATASETS.get(dataset_name).eval_split)
     dataset = _open_dataset(dataset_name, spec.split, spec.data_root, hcfg)
     dataset_key = getattr(dataset, "config_key", dataset_name)
-    if spec.checkpoint is not None:  # the checkpoint's own config, with this run's --set on top
-        cfg = checkpoint_config(method_name, spec.checkpoint, m_over)
+    if spec.checkpoint is not None and not Path(spec.checkpoint).is_file():  # a saved directory: its own
+        cfg = checkpoint_config(method_name, spec.checkpoint, m_over)  # config, with this run's --set on top
     else:
         cfg = load_method_config(method_name, spec.profile, dataset_key, m_over)
     if spec.limit is not None:
@@ -477,6 +478,7 @@ def run(spec: RunSpec) -> RunResult:
         # trained weights depend on the float summation order: tiny CAM on synthetic-cub gave MaxBoxAcc 52.0
         # with 2 threads and 47.0 with 1, so a run records what it ran with
         "device": spec.device, "torch_threads": _torch_threads(),
+        "checkpoint_load": load_record(method),  # what a --checkpoint FILE gave the model (LoadReport)
     }
     write_json(run_dir / "metrics.json", record)
     return RunResult(run_dir=run_dir, results=results, record=record)
@@ -538,6 +540,11 @@ def _seed(seed: int) -> None:
 
 def _build_method(name: str, cfg: dict, dataset: Any, spec: RunSpec, hcfg: dict, run_dir: Path) -> Any:
     cls = get_method_class(name)
+    if spec.checkpoint is not None and Path(spec.checkpoint).is_file():  # a foreign file (e.g. the authors')
+        try:
+            return load_foreign_method(cls, spec.checkpoint, cfg, dataset.class_names, spec.device)
+        except CheckpointError as exc:
+            raise HarnessError(str(exc)) from exc
     if spec.checkpoint is not None:
         return cls.load(spec.checkpoint, device=spec.device, config=cfg)
     ckpt = run_dir / "checkpoint"

@@ -75,6 +75,7 @@ class Localizer(abc.ABC):
     input_size: int = 224
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    load_report: Any = None  # a wsolbench.checkpoint.LoadReport after load_foreign (what the file gave)
 
     def __init__(self, config: dict | None = None, class_names: Sequence[str] | None = None,
                  device: str = "cpu") -> None:
@@ -130,6 +131,16 @@ class Localizer(abc.ABC):
         from .checkpoint import load_localizer
 
         return load_localizer(cls, Path(path), device=device, config=config)
+
+    @classmethod
+    def load_foreign(cls, path: str | Path, config: dict, class_names: Sequence[str] | None = None,
+                     device: str = "cpu"):
+        """Build from ``config`` and load a checkpoint FILE written by other code (e.g. the authors').
+
+        Methods that can read one override this, load with ``wsolbench.checkpoint.load_exact`` (a partial load
+        only when ``config['load']['partial']`` names it) and set ``load_report`` (the run records it)."""
+        raise NotImplementedError(f"{path}: method {cls.registry_name or cls.__name__!r} cannot read foreign "
+                                  "checkpoint files; --checkpoint takes a directory written by Localizer.save")
 
     # ---- helpers for subclasses ---------------------------------------------------------------------
     def preprocess(self, images: Any, size: int | None = None, mean=None, std=None) -> "torch.Tensor":
