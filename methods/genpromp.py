@@ -57,8 +57,9 @@ import logging
 import re
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -151,6 +152,39 @@ class ConceptTokenEmbedding(nn.Module):
         return out
 
 
+# ------------------------------------------------------------------------------------------ pixels, draws
+def official_pixels(img: Any, size: int, index: int = 0) -> torch.Tensor:
+    """3×S×S in [-1, 1] as the official pipeline makes them: the uint8 RGB image, PIL bicubic resize to
+    S×S, then x / 127.5 - 1 (computed in float64, stored float32). Non-PIL inputs become uint8 first
+    (float images in [0, 1] are rounded to the nearest grey level)."""
+    from PIL import Image
+
+    if isinstance(img, Image.Image):
+        pil = img.convert("RGB")
+    elif isinstance(img, np.ndarray) and img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3:
+        pil = Image.fromarray(img)
+    else:
+        chw = to_float_chw(img, index)
+        pil = Image.fromarray((chw.permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype(np.uint8))
+    if pil.size != (size, size):
+        pil = pil.resize((size, size), resample=Image.BICUBIC)
+    arr = (np.asarray(pil, dtype=np.uint8) / 127.5 - 1.0).astype(np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+@dataclass
+class LatentDraws:
+    """Random draws given to the method instead of its own (``GenPromp.draws``), one row per image of a
+    ``localize`` call: ``noise`` (B×C×h×w diffusion noise, shared by every timestep) and either ``z0``
+    (B×C×h×w latents already × the VAE scaling factor; the VAE is then skipped) or ``vae_eps`` (B×C×h×w
+    N(0, 1) of the posterior sample z0 = (mean + std·eps)·scaling). With neither, the VAE sample is drawn
+    from torch's global generator."""
+
+    noise: torch.Tensor
+    z0: torch.Tensor | None = None
+    vae_eps: torch.Tensor | None = None
+
+
 # ------------------------------------------------------------------------------------------ aggregation
 def group_layers(layers: Sequence[AttentionLayer], groups: Sequence[dict]) -> list[list[AttentionLayer]]:
     """The layers of each configured group (``{places: [...], levels: [...]}``); empty groups are errors."""
@@ -165,18 +199,24 @@ def group_layers(layers: Sequence[AttentionLayer], groups: Sequence[dict]) -> li
     return out
 
 
-def aggregate_maps(layer_maps: dict[str, torch.Tensor], groups: Sequence[Sequence[AttentionLayer]],
-                   out_size: int, eps: float = 1e-12) -> torch.Tensor:
-    """The official aggregation. ``layer_maps[name]``: Q×T×h×w (already averaged over heads).
-
-    Per group: mean over its layers and the T timesteps -> bicubic resize to out_size; mean over groups;
-    divide each map by its max. Returns Q×out_size×out_size float32."""
+def group_maps(layer_maps: dict[str, torch.Tensor], groups: Sequence[Sequence[AttentionLayer]],
+               out_size: int) -> torch.Tensor:
+    """Per group (the official ``diffusion_cam`` groups): the mean over its layers and the T timesteps of
+    ``layer_maps[name]`` (Q×T×h×w, already averaged over heads), resized bicubic (cv2 INTER_CUBIC's kernel)
+    to out_size. Returns G×Q×out_size×out_size float32."""
     per_group = []
     for layers in groups:
         stack = torch.stack([layer_maps[l.name].float().mean(dim=1) for l in layers], 0).mean(0)  # Q×h×w
         per_group.append(F.interpolate(stack[:, None], size=(out_size, out_size), mode="bicubic",
                                        align_corners=False)[:, 0])
-    cams = torch.stack(per_group, 0).mean(0)
+    return torch.stack(per_group, 0)
+
+
+def aggregate_maps(layer_maps: dict[str, torch.Tensor], groups: Sequence[Sequence[AttentionLayer]],
+                   out_size: int, eps: float = 1e-12) -> torch.Tensor:
+    """The official aggregation: the mean of the ``group_maps``, each map divided by its max.
+    Returns Q×out_size×out_size float32."""
+    cams = group_maps(layer_maps, groups, out_size).mean(0)
     return cams / cams.amax(dim=(-2, -1), keepdim=True).clamp_min(eps)
 
 
@@ -342,6 +382,10 @@ class GenPromp(Localizer):
         self.vae = comps["vae"].eval()
         self.unet = comps["unet"].eval()
         self.scheduler = comps["scheduler"]
+        # None: each image's VAE sample and noise come from ``inference.noise_seed`` and its content; a
+        # function of the call's pixels (B×3×S×S) returning ``LatentDraws``: those draws are used instead
+        # (how the parity test feeds the official run's recorded noise)
+        self.draws: Callable[[torch.Tensor], LatentDraws] | None = None
         for module in (self.text_encoder, self.vae, self.unet):
             module.requires_grad_(False)
         self.image_size = int(cfg["model"]["image_size"])
@@ -539,29 +583,43 @@ class GenPromp(Localizer):
 
     # ---- pixels / latents --------------------------------------------------------------------------
     def pixels(self, images: Any) -> torch.Tensor:
-        """B×3×S×S in [-1, 1] (bicubic resize of the whole image, the official test pipeline)."""
-        out = []
-        for i, img in enumerate(as_image_list(images)):
-            t = to_float_chw(img, i)
-            if t.shape[-2:] != (self.image_size, self.image_size):
-                t = F.interpolate(t[None], size=(self.image_size, self.image_size), mode="bicubic",
-                                  align_corners=False, antialias=True)[0]
-            out.append(t.clamp(0, 1))
-        return torch.stack(out) * 2.0 - 1.0
+        """B×3×S×S in [-1, 1]: ``official_pixels`` of each image (the official test pipeline)."""
+        return torch.stack([official_pixels(img, self.image_size, i) for i, img in enumerate(as_image_list(images))])
 
-    def encode_latents(self, pixels: torch.Tensor, generators: Sequence[torch.Generator] | None = None
-                       ) -> torch.Tensor:
+    def encode_latents(self, pixels: torch.Tensor, generators: Sequence[torch.Generator] | None = None,
+                       eps: torch.Tensor | None = None) -> torch.Tensor:
         """z_0 = one posterior sample (``inference.latent: sample``) or the mean, x the VAE scaling factor.
-        ``generators``: one per image (its draw then does not depend on the batch it came in)."""
+        The sample's N(0, 1) draw: ``eps`` (B×C×h×w) when given, else one per image from ``generators`` (its
+        draw then does not depend on the batch it came in), else torch's global generator."""
         vae_dtype = next(self.vae.parameters()).dtype
         dist = self.vae.encode(pixels.to(self.device, vae_dtype)).latent_dist
         if self.config["inference"]["latent"] == "mode":
             z = dist.mode()
         else:
-            eps = (torch.stack([torch.randn(dist.mean.shape[1:], generator=g) for g in generators])
-                   if generators is not None else torch.randn(dist.mean.shape))
+            if eps is None:
+                eps = (torch.stack([torch.randn(dist.mean.shape[1:], generator=g) for g in generators])
+                       if generators is not None else torch.randn(dist.mean.shape))
+            if tuple(eps.shape) != tuple(dist.mean.shape):
+                raise InputError(f"VAE sample draw has shape {tuple(eps.shape)}, the posterior {tuple(dist.mean.shape)}")
             z = dist.mean + dist.std * eps.to(dist.mean.device, dist.mean.dtype)
         return z * float(getattr(self.vae.config, "scaling_factor", 0.18215))
+
+    def latents(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z_0, noise) of each image of ``pixels``: the method's own per-image draws, or ``self.draws``'."""
+        bs = int(self.config["inference"]["batch_size"])
+        given = self.draws(pixels) if self.draws is not None else None
+        gens = self._image_generators(pixels) if given is None else None
+        if given is not None and given.z0 is not None:
+            z0 = given.z0.to(self.device, next(self.vae.parameters()).dtype)
+        else:
+            eps = given.vae_eps if given is not None else None
+            z0 = torch.cat([self.encode_latents(pixels[s:s + bs], None if gens is None else gens[s:s + bs],
+                                                None if eps is None else eps[s:s + bs])
+                            for s in range(0, len(pixels), bs)])
+        noise = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in gens]) if given is None else given.noise
+        if tuple(noise.shape) != tuple(z0.shape):
+            raise InputError(f"diffusion noise has shape {tuple(noise.shape)}, the latents {tuple(z0.shape)}")
+        return z0, noise.to(z0)
 
     def _image_generators(self, pixels: torch.Tensor) -> list[torch.Generator]:
         """One generator per image, seeded by ``noise_seed`` and the image's content: the same image gets
@@ -581,11 +639,17 @@ class GenPromp(Localizer):
         """Maps (Q×S×S, max-normalised) for Q queries: query q reads image ``query_image[q]`` of
         ``pixels`` (B×3×H×W in [-1, 1]), is conditioned on ``cond[q]`` (L×D) and records the attention
         mixture ``token_weights[q]`` (L)."""
+        z0, noise = self.latents(pixels)
+        return aggregate_maps(self.layer_attention(z0, noise, query_image, cond, token_weights), self.groups,
+                              int(self.config["inference"]["map_size"]))
+
+    @torch.no_grad()
+    def layer_attention(self, z0: torch.Tensor, noise: torch.Tensor, query_image: Sequence[int], cond: torch.Tensor,
+                        token_weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{layer name: Q×T×h×w}: the cross-attention probability of each recorded layer at each timestep,
+        averaged over heads, for Q queries (query q: latents ``z0``/``noise`` of image ``query_image[q]``,
+        conditioning ``cond[q]``, token mixture ``token_weights[q]``)."""
         inf = self.config["inference"]
-        gens = self._image_generators(pixels)
-        bs = int(inf["batch_size"])
-        z0 = torch.cat([self.encode_latents(pixels[s:s + bs], gens[s:s + bs]) for s in range(0, len(gens), bs)])
-        noise = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in gens]).to(z0)
         ts = [int(t) for t in inf["timesteps"]]
         if not ts or min(ts) < 0 or max(ts) >= self.scheduler.config.num_train_timesteps:
             raise ValueError(f"inference.timesteps must be 0-based scheduler indices in "
@@ -608,8 +672,7 @@ class GenPromp(Localizer):
                 rec.run(zt, t, encoder_hidden_states=cond[q])
                 for name, m in rec.maps().items():
                     collected[name].append(m[:, 0])
-        layer_maps = {name: torch.cat(v).view(n_q, n_t, *v[0].shape[-2:]) for name, v in collected.items()}
-        return aggregate_maps(layer_maps, self.groups, int(inf["map_size"]))
+        return {name: torch.cat(v).view(n_q, n_t, *v[0].shape[-2:]) for name, v in collected.items()}
 
     def predict_logits(self, images: Any, image_ids: Sequence[str] | None = None) -> torch.Tensor | None:
         if self.classifier is None:
@@ -671,19 +734,20 @@ class GenPromp(Localizer):
         w[list(positions)] = 1.0 / len(positions)
         return w
 
+    def class_conditioning(self, classes: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q×L×D U-Net conditioning (``prompts.embedding``: f_c by default) and Q×L token weights (where the
+        attention is read, ``prompts.token_index``) of each class."""
+        return (torch.stack([self.class_embedding(c) for c in classes]),
+                torch.stack([self._weights(self._class_positions(c)) for c in classes]))
+
     def _class_maps(self, imgs: list, per_image: list[list[int]]) -> torch.Tensor:
         q_img = [i for i, qs in enumerate(per_image) for _ in qs]
         flat = [c for qs in per_image for c in qs]
-        cams = []
-        pixels = self.pixels(imgs)
+        z0, noise = self.latents(self.pixels(imgs))
         step = max(1, int(self.config["inference"]["query_chunk"]))
-        for s in range(0, len(flat), step):
-            cs, qi = flat[s:s + step], q_img[s:s + step]
-            cond = torch.stack([self.class_embedding(c) for c in cs])
-            w = torch.stack([self._weights(self._class_positions(c)) for c in cs])
-            used = sorted(set(qi))
-            remap = {old: new for new, old in enumerate(used)}
-            cams.append(self.attention_cams(pixels[used], [remap[i] for i in qi], cond, w))
+        size = int(self.config["inference"]["map_size"])
+        cams = [aggregate_maps(self.layer_attention(z0, noise, q_img[s:s + step], *self.class_conditioning(flat[s:s + step])),
+                               self.groups, size) for s in range(0, len(flat), step)]
         cams = torch.cat(cams)
         return cams.view(len(imgs), len(per_image[0]), *cams.shape[-2:]).float().cpu()
 
