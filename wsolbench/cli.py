@@ -1,4 +1,4 @@
-"""The ``wsolbench`` command: run, leaderboard, list, data, weights, zoo, profile, make-synthetic, demo."""
+"""The ``wsolbench`` command: run, leaderboard, list, data, weights, zoo, profile, make-synthetic, demo, show."""
 from __future__ import annotations
 
 import argparse
@@ -131,6 +131,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_show(args: argparse.Namespace) -> int:
+    from .report import show
+
+    runs = ([args.run] if args.run else []) + list(args.compare or [])
+    index = show(runs, args.out, worst=args.worst, ids=args.ids, variant=args.variant)
+    print(f"report written to {index}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wsolbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -199,6 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="*", default=None, help="default: every registered method whose tiny zoo models are built")
     p.add_argument("--fresh", action="store_true", help="discard earlier demo runs instead of resuming them")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("show", help="a report of a run: maps on images (worst first), threshold curves, index.html")
+    p.add_argument("run", type=Path, nargs="?", default=None, help="a finished run directory (runs/<run-id>)")
+    p.add_argument("--out", type=Path, required=True, help="report directory (index.html and PNGs)")
+    p.add_argument("--worst", type=int, default=None, help="show the N worst-localised images (default 12)")
+    p.add_argument("--ids", nargs="+", default=None, help="show these image ids instead")
+    p.add_argument("--variant", default="default", help="which map variant of the run (default: default)")
+    p.add_argument("--compare", type=Path, nargs="+", default=None, metavar="RUN",
+                   help="more run directories: the same images side by side across methods")
+    p.set_defaults(func=cmd_show)
     return parser
 
 
@@ -214,7 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .harness import HarnessError
         from wsolbench.datasets.base import DatasetError
 
-        known += (HarnessError, DatasetError)
+        from .report import ReportError
+
+        known += (HarnessError, DatasetError, ReportError)
         try:
             from .weights import MissingWeightsError
 

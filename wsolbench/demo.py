@@ -48,6 +48,7 @@ def run_demo(out: Path = Path("runs/demo"), leaderboard_dir: Path = Path("leader
     """Run the demo benchmark; returns the path of the written leaderboard."""
     from .harness import HarnessError, RunSpec, choose_task, run
     from .leaderboard import build_tables, load_runs, render, write
+    from .report import show_groups
     from .registry import create_dataset, get_method_class
 
     t0 = time.time()
@@ -64,6 +65,7 @@ def run_demo(out: Path = Path("runs/demo"), leaderboard_dir: Path = Path("leader
                   f"zoo, which is not built yet (`{build_command('tiny')}`, about 17 min once; or "
                   f"`wsolbench demo --methods {' '.join(names + waiting)}` builds it on the way)", flush=True)
     print(f"wsolbench demo: methods {', '.join(names)} on {', '.join(datasets)} (tiny profile, CPU)", flush=True)
+    run_dirs: dict[str, list[Path]] = {}  # per dataset, for the report
     for dataset in datasets:
         ds = create_dataset(dataset, split="test")  # generates the synthetic set on first use
         for name in names:
@@ -77,6 +79,7 @@ def run_demo(out: Path = Path("runs/demo"), leaderboard_dir: Path = Path("leader
             print(f"  {name} on {dataset} ...", flush=True)
             result = run(RunSpec(method=name, dataset=dataset, split="test", profile="tiny", out=out,
                                  resume=True))
+            run_dirs.setdefault(dataset, []).append(result.run_dir)
             headline = {k: round(v, 2) for k, v in result.results["default"].items()
                         if k in ("maxboxacc", "maxboxacc_v2", "top1_loc", "miou", "pxap") and v is not None}
             print(f"  {name} on {dataset}: {headline} ({time.time() - t:.0f} s)", flush=True)
@@ -85,5 +88,8 @@ def run_demo(out: Path = Path("runs/demo"), leaderboard_dir: Path = Path("leader
     path = write(tables, leaderboard_dir, "md", name="demo")
     print()
     print(text)
+    report = show_groups(run_dirs, out / "report")
+    if report is not None:
+        print(f"report (maps on the worst-localised images, curves) written to {report}")
     print(f"leaderboard written to {path}; demo took {time.time() - t0:.0f} s")
     return path

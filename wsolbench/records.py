@@ -27,7 +27,6 @@ from .io import write_text
 MAPS_DIR = "maps"
 PER_IMAGE = "per_image.jsonl"
 CURVES = "curves.json"
-RULES = {"v1": False, "v2": True}  # MaxBoxAcc metric name in the evaluator -> multi_contour
 
 
 # ------------------------------------------------------------------------------------------ map files
@@ -163,13 +162,25 @@ def dense_records(samples: Sequence[Any], per_class: dict[str, list[np.ndarray]]
             variants[variant] = {
                 "health": {k: any(f[k] for f in flags) for k in ("nonfinite", "constant")},
                 "points": {str(c): _point(maps[i][j]) for j, c in enumerate(present[i])},
-                "miou_curve": np.round(one.curves()["miou"], 4).tolist()}
+                "miou_curve": np.round(_image_miou_curve(one.state_dict()), 4).tolist()}
             if maps_dir is not None:
                 for j, c in enumerate(present[i]):
                     save_map(map_path(maps_dir, variant, s.image_id, f"_c{c}"), quantize(maps[i][j]))
+        if maps_dir is not None:  # the GT label map (0 = background, k + 1 = class k, 255 = ignore)
+            save_map(map_path(maps_dir, "gt", s.image_id), np.asarray(label_maps[i]).astype(np.uint8))
         records.append({"image_id": s.image_id, "labels": list(s.labels), "path": str(s.image_path),
                         "variants": variants})
     return records
+
+
+def _image_miou_curve(state: dict[str, np.ndarray]) -> np.ndarray:
+    """An image's own mIoU (%) per background threshold, over the classes (background included) that its
+    GT or its prediction holds — the split's mIoU averages every class, which on one image would count
+    each absent class as IoU 0."""
+    tp, pred, gt = (np.asarray(state[k], np.float64) for k in ("tp", "pred", "gt"))
+    union = gt[None, :] + pred - tp
+    iou = np.where(union > 0, tp / np.where(union > 0, union, 1), np.nan)
+    return 100 * np.nanmean(iou, axis=1)
 
 
 def phrase_record(sample: Any, entity: Any, maps: dict[str, np.ndarray], maps_dir: Path | None) -> dict:
@@ -207,32 +218,52 @@ def finish(run_dir: Path, evaluator: Any, policies: Any = None) -> list[dict]:
     for variant, mets in evaluator.metrics.items():
         policy = (policies or {}).get(variant)
         for name, m in mets.items():
-            if not hasattr(m, "curves") or m.count == 0:
+            if not getattr(m, "count", 0):  # not a metric (health counts), or no image scored
                 continue
             chosen.setdefault(variant, {})[name] = m.compute(policy.for_metric(name) if policy else None)
-            curves.setdefault(variant, {})[name] = {k: np.asarray(v, np.float64).tolist()
-                                                   for k, v in m.curves().items()}
+            if hasattr(m, "curves"):
+                curves.setdefault(variant, {})[name] = {k: np.asarray(v, np.float64).tolist()
+                                                       for k, v in m.curves().items()}
     maps_root = run_dir / MAPS_DIR
     for rec in records:
         for variant, v in rec.get("variants", {}).items():
-            got = chosen.get(variant, {})
-            for name, result in got.items():
-                if name in RULES and "gt_boxes" in rec:
-                    u = load_map(map_path(maps_root, variant, rec["image_id"]))
-                    if u is not None:
-                        v[name] = box_outcome(u, np.asarray(rec["gt_boxes"]), result, RULES[name])
-                elif name == "pxap" and "pxap_hist" in v:
-                    v["piou"] = _image_piou(v.pop("pxap_hist"), evaluator.metrics[variant][name],
-                                            result["best_tau_piou"])
-                elif name == "miou" and "miou_curve" in v:
-                    j = int(np.argmin(np.abs(np.asarray(curves[variant][name]["bg_threshold"])
-                                             - result["best_tau_miou"])))
-                    v["miou"] = v.pop("miou_curve")[j]
-                    v["bg_threshold"] = result["best_tau_miou"]
+            for name, result in chosen.get(variant, {}).items():
+                _complete(v, rec, name, evaluator.metrics[variant][name], result, maps_root / variant)
             v.pop("pxap_hist", None)
+            v.pop("miou_curve", None)
     write_text(path, "".join(json.dumps(r) + "\n" for r in records))
     write_text(run_dir / CURVES, json.dumps(curves))
     return records
+
+
+def _complete(v: dict, rec: dict, name: str, metric: Any, result: dict, maps: Path) -> None:
+    """Add to one variant's record ``v`` what metric ``name`` decided at its chosen τ."""
+    if "gt_boxes" in rec and (hasattr(metric, "multi_contour") or hasattr(metric, "gt_known_op")):
+        u = load_map(map_path(maps.parent, maps.name, rec["image_id"]))
+        if u is None:
+            return
+        gt = np.asarray(rec["gt_boxes"])
+        v[name] = box_outcome(u, gt, result, metric.multi_contour) if hasattr(metric, "multi_contour") \
+            else fixed_box_outcome(u, gt, metric)
+    elif "pxap_hist" in v and hasattr(metric, "edges"):  # PxAP
+        v["piou"] = _image_piou(v["pxap_hist"], metric, result["best_tau_piou"])
+    elif "miou_curve" in v and hasattr(metric, "bg_thresholds"):  # DenseMIoU: the reported threshold
+        t = result.get("bg_threshold", result.get("best_tau_miou"))
+        v["miou"] = v["miou_curve"][int(np.argmin(np.abs(metric.bg_thresholds - t)))]
+        v["bg_threshold"] = t
+
+
+def fixed_box_outcome(u: np.ndarray, gt: np.ndarray, metric: Any) -> dict[str, Any]:
+    """A fixed-τ box protocol (``FixedBoxAccuracy``: GenPromp, WWbL-CUB): its one box at its τ, the best IoU
+    over the GT boxes and GT-known hit. Exact for the uint8 gray rule (the stored map is that gray image);
+    the cubehelix rule is recomputed from the 8-bit map."""
+    from wsolbench.metrics import box_iou
+    from wsolbench.metrics.fixed_box import _passes, contour_box
+
+    box = np.asarray([contour_box((u + 0.5) / 255.0, metric.tau, metric.gray)])  # (u + .5)/255·255 → u
+    iou = float(box_iou(box, gt).max())
+    return {"tau": {"50": metric.tau}, "iou": {"50": round(iou, 6)}, "hit": {"50": _passes(iou, metric.gt_known_op)},
+            "boxes": box.tolist(), "best_iou": round(iou, 6)}
 
 
 def box_outcome(u: np.ndarray, gt: np.ndarray, result: dict, multi_contour: bool) -> dict[str, Any]:
@@ -275,13 +306,18 @@ def read(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def box_result(v: dict) -> dict | None:
+    """A variant record's headline box outcome: MaxBoxAcc v1, a fixed-τ box protocol, or V2 (None: none)."""
+    return next((v[k] for k in ("v1", "fixed", "v2") if k in v), None)
+
+
 def failure_key(record: dict, variant: str = "default") -> float:
     """Sort key putting the worst-localised images first: the best IoU at the chosen τ (boxes), the pixel
     IoU (masks), the mIoU (dense), pointing hit (phrases); records without a score sort last."""
     v = record.get("variants", {}).get(variant, {})
-    for rule in ("v1", "v2"):
-        if rule in v:
-            return float(v[rule]["best_iou"])
+    box = box_result(v)
+    if box is not None:
+        return float(box["best_iou"])
     for key in ("piou", "miou"):
         if key in v:
             return float(v[key])
