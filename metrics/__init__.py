@@ -13,23 +13,26 @@ shards merge into exactly the metric over all images. Plain functions do one-sho
 - ``PointingGame`` / ``pointing_game``: TorchRay pointing game (15 px tolerance, mean over classes).
 - ``PhrasePointing`` / ``phrase_pointing``: phrase-grounding pointing accuracy — MultiGrounding / WWbL.
 - ``GroundingBoxAccuracy`` / ``grounding_box_accuracy``: WWbL box accuracy.
+- ``FixedBoxAccuracy`` / ``contour_box``: one box per map at a fixed τ (GenPromp, WWbL CUB protocols).
 - ``prepare_map`` (+ ``PREPARATION``), ``scale_boxes`` / ``resize_box``, ``normalize_per_class``.
 - ``ThresholdPolicy``: oracle / fixed / val.
 """
 from .base import Metric, MetricInputError
 from .boxes import BOX_RULES, MaxBoxAcc, box_iou, max_box_acc
 from .dense import DenseMIoU, dense_miou
+from .fixed_box import FixedBoxAccuracy, contour_box, prepare_map_linear, scale_boxes_clamped
 from .grounding import GroundingBoxAccuracy, grounding_box_accuracy
 from .masks import PxAP, pxap
-from .pointing import PhrasePointing, PointingGame, boxes_to_mask, phrase_pointing, pointing_game
+from .pointing import (PhrasePointing, PointingGame, boxes_to_mask, phrase_pointing, pointing_game, resize_bilinear,
+                       union_box)
 from .policy import ThresholdPolicy
 from .prepare import (DENSE_PREPARATION, PREPARATION, normalize_per_class, normalize_scoremap, prepare_map,
                       resize_box, scale_boxes)
 
 __all__ = [
-    "BOX_RULES", "DENSE_PREPARATION", "DenseMIoU", "GroundingBoxAccuracy", "MaxBoxAcc", "Metric",
+    "BOX_RULES", "DENSE_PREPARATION", "DenseMIoU", "FixedBoxAccuracy", "GroundingBoxAccuracy", "MaxBoxAcc", "Metric",
     "MetricInputError", "PREPARATION", "PhrasePointing", "PointingGame", "PxAP", "ThresholdPolicy",
-    "box_iou", "boxes_to_mask", "dense_miou", "grounding_box_accuracy", "max_box_acc",
+    "box_iou", "boxes_to_mask", "contour_box", "dense_miou", "grounding_box_accuracy", "max_box_acc",
     "normalize_per_class", "normalize_scoremap", "phrase_pointing", "pointing_game", "prepare_map",
-    "pxap", "resize_box", "scale_boxes",
+    "prepare_map_linear", "pxap", "resize_bilinear", "resize_box", "scale_boxes", "scale_boxes_clamped", "union_box",
 ]

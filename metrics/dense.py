@@ -7,7 +7,8 @@ tie and among classes the lower class index wins. Pixels labelled 255 are ignore
 class c (0 = background): P (predicted), T (GT), TP (both); IoU = TP / (T + P − TP + 1e-10);
 mIoU(t) = 100 · mean over ALL classes. The state keeps P and TP for every t of the sweep, so the whole
 curve is available: oracle = max over the sweep; MCTformer's own rule (stop at the first t that does not
-improve) is reported as ``miou_first_peak``.
+improve) is the ``early-stop`` policy, also always reported as ``miou_first_peak``; ``miou_sweep_best`` is
+the best over the whole sweep whatever the policy.
 """
 from __future__ import annotations
 
@@ -157,16 +158,19 @@ class DenseMIoU(Metric):
         self._require_data()
         pol = resolve(policy)
         iou, miou = self._miou_curve()
-        if pol.kind == "oracle":
-            j = int(np.argmax(miou))
-        else:
-            j = grid_index(self.bg_thresholds, pol.tau_for("miou"), "DenseMIoU (miou)")
-        best, best_t = 0.0, float(self.bg_thresholds[0])
+        best, first = 0.0, 0
         for jj, value in enumerate(miou):  # MCTformer: stop at the first t that does not improve
             if value > best:
-                best, best_t = float(value), float(self.bg_thresholds[jj])
+                best, first = float(value), jj
             else:
                 break
+        if pol.kind == "oracle":
+            j = int(np.argmax(miou))
+        elif pol.kind == "early-stop":
+            j = first
+        else:
+            j = grid_index(self.bg_thresholds, pol.tau_for("miou"), "DenseMIoU (miou)")
+        top = int(np.argmax(miou))
         out: dict[str, Any] = {
             "metric": "DenseMIoU",
             "miou": float(miou[j]),
@@ -174,10 +178,12 @@ class DenseMIoU(Metric):
             "bg_threshold": float(self.bg_thresholds[j]),
             "per_class_iou": [float(x) * 100 for x in iou[j]],
             "miou_first_peak": best,
-            "first_peak_bg_threshold": best_t,
+            "first_peak_bg_threshold": float(self.bg_thresholds[first]),
+            "miou_sweep_best": float(miou[top]),
+            "sweep_best_bg_threshold": float(self.bg_thresholds[top]),
         }
         out.update(pol.as_record())
-        if pol.kind == "oracle":
+        if pol.kind in ("oracle", "early-stop"):
             out["tau"] = None
         out["count"] = self.count
         out["num_classes"] = self.num_classes

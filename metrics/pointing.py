@@ -42,6 +42,31 @@ def argmax_point(m: np.ndarray) -> tuple[int, int]:
     return x, y
 
 
+def union_box(boxes: Any) -> np.ndarray:
+    """The (1, 4) box around all ``boxes`` (x0,y0,x1,y1): WWbL stores each entity's union box and scores
+    pointing and box accuracy against it (a point between two boxes of one entity is a hit)."""
+    b = to_numpy(boxes)
+    if b.ndim == 1 and b.size == 4:
+        b = b[None]
+    if b.ndim != 2 or b.shape[1] != 4 or len(b) == 0:
+        raise MetricInputError(f"union_box: expected an (N ≥ 1, 4) array of boxes, got shape {b.shape}")
+    return np.concatenate([b[:, :2].min(axis=0), b[:, 2:].max(axis=0)])[None]
+
+
+def resize_bilinear(m: Any, size: tuple[int, int]) -> np.ndarray:
+    """TorchRay's ``resize_saliency``: ``F.interpolate(mode="bilinear", align_corners=False)`` of one map to
+    ``size`` = (W, H), in float32."""
+    import torch
+    import torch.nn.functional as F
+
+    arr = np.ascontiguousarray(to_numpy(m), dtype=np.float32)
+    w, h = int(size[0]), int(size[1])
+    if arr.shape == (h, w):
+        return arr
+    return F.interpolate(torch.from_numpy(arr)[None, None], size=(h, w), mode="bilinear",
+                         align_corners=False)[0, 0].numpy()
+
+
 def boxes_to_mask(boxes: Any, shape: tuple[int, int], where: str = "boxes") -> np.ndarray:
     """Union of boxes as a boolean H×W mask; boxes are x0,y0,x1,y1 0-based INCLUSIVE pixel coordinates
     (VOC XML 1-based coordinates minus 1), truncated with int() — TorchRay's ``voc_as_mask``."""

@@ -4,6 +4,8 @@
   dense-mIoU background sweep report). Optimistic: τ is chosen on the test labels.
 - ``fixed``: one τ given up front (e.g. a paper's published threshold).
 - ``val``: τ chosen on the validation split (``ThresholdPolicy.from_val``) and applied to the test split.
+- ``early-stop``: MCTformer's mIoU rule: sweep τ upward and stop at the first τ that does not improve
+  (DenseMIoU only).
 
 Every ``compute()`` result records ``threshold_policy`` and the τ that was used.
 """
@@ -13,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-KINDS = ("oracle", "fixed", "val")
+KINDS = ("oracle", "fixed", "val", "early-stop")
 
 
 @dataclass(frozen=True)
@@ -30,9 +32,9 @@ class ThresholdPolicy:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"ThresholdPolicy kind must be one of {KINDS}, got {self.kind!r}")
-        if self.kind == "oracle":
+        if self.kind in ("oracle", "early-stop"):
             if self.tau is not None:
-                raise ValueError("an oracle ThresholdPolicy takes no tau (τ is maximised on the split)")
+                raise ValueError(f"an {self.kind} ThresholdPolicy takes no tau (τ is chosen on the split)")
             return
         if self.tau is None:
             raise ValueError(f"a {self.kind!r} ThresholdPolicy needs tau")
@@ -76,8 +78,8 @@ class ThresholdPolicy:
     # ---------------------------------------------------------------- queries
     def tau_for(self, key: str) -> float:
         """The τ to read quantity ``key`` at (fixed / val policies)."""
-        if self.kind == "oracle":
-            raise ValueError("the oracle policy has no preset τ")
+        if self.kind in ("oracle", "early-stop"):
+            raise ValueError(f"the {self.kind} policy has no preset τ")
         if isinstance(self.tau, Mapping):
             if key not in self.tau:
                 raise ValueError(f"ThresholdPolicy({self.kind}) has no τ for {key!r}; it has "
@@ -88,6 +90,8 @@ class ThresholdPolicy:
     def describe(self) -> str:
         if self.kind == "oracle":
             return "oracle (τ maximised on the evaluated split)"
+        if self.kind == "early-stop":
+            return "early-stop (τ swept upward, the first τ that does not improve ends the sweep)"
         if self.kind == "fixed":
             return f"fixed τ={self.tau}"
         return f"val ({self.source or 'τ chosen on the val split'}): τ={self.tau}"

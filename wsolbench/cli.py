@@ -26,6 +26,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--on-error", choices=("fail", "skip"), default=None,
                    help="what a corrupt image does: fail the run, or skip it (counted and listed)")
     p.add_argument("--run-id", default=None)
+    p.add_argument("--protocol", default=None, metavar="NAME",
+                   help="scoring protocol (`wsolbench list protocols`); default: the method config's for the task")
+    p.add_argument("--train-split", default=None,
+                   help="split a trained method fits on; default: the protocol's for the dataset, else train")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -37,7 +41,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = RunSpec(method=args.method, dataset=args.dataset, split=args.split, profile=args.profile,
                    limit=args.limit, out=args.out, resume=args.resume, device=args.device,
                    checkpoint=args.checkpoint, overrides=tuple(overrides), data_root=args.data_root,
-                   run_id=args.run_id, progress=not args.quiet)
+                   run_id=args.run_id, progress=not args.quiet, protocol=args.protocol,
+                   train_split=args.train_split)
     result = run(spec)
     print(render(build_tables([result.record], with_paper=False)))
     skipped = result.record["skipped"]["count"]
@@ -64,6 +69,11 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     from .registry import list_datasets, list_methods
 
+    if args.what == "protocols":
+        from .protocols import describe_protocols
+
+        print("\n".join(describe_protocols()))
+        return 0
     names = list_methods(args.pattern) if args.what == "methods" else list_datasets(args.pattern)
     print("\n".join(names))
     return 0
@@ -156,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-paper", action="store_true", help="measured rows only")
     p.set_defaults(func=cmd_leaderboard)
 
-    p = sub.add_parser("list", help="list registered methods or datasets")
-    p.add_argument("what", choices=("methods", "datasets"))
+    p = sub.add_parser("list", help="list registered methods, datasets or scoring protocols")
+    p.add_argument("what", choices=("methods", "datasets", "protocols"))
     p.add_argument("pattern", nargs="?", default=None, help="shell-style filter, e.g. 'synthetic-*'")
     p.set_defaults(func=cmd_list)
 

@@ -50,7 +50,8 @@ class RunSpec:
     data_root: Path | None = None
     run_id: str | None = None
     progress: bool = True
-    train_split: str = "train"
+    train_split: str | None = None  # None: the protocol's training split for the dataset, else "train"
+    protocol: str | None = None  # None: the method config's protocol.<task>, else the task's default
 
 
 @dataclass
@@ -69,8 +70,11 @@ class _Evaluator:
     capability: str = "single"
     maps_dir: Path | None = None  # where records.py writes each image's map for the report (None: not kept)
 
-    def __init__(self, hcfg: dict, dataset: Any, method: Any) -> None:
-        self.hcfg = hcfg
+    def __init__(self, hcfg: dict, dataset: Any, method: Any, protocol: Any = None) -> None:
+        from .protocols import TASK_DEFAULTS, get_protocol
+
+        self.protocol = protocol if protocol is not None else get_protocol(TASK_DEFAULTS[self.task])
+        self.hcfg = protocol_harness(hcfg, self.protocol)
         self.dataset = dataset
         self.method = method
         self.metrics: dict[str, dict[str, Any]] = {}
@@ -167,9 +171,7 @@ class _BoxEvaluator(_Evaluator):
         size = int(self.hcfg["eval_size"])
         labels = [s.label for s in samples]
         out = localize(self.method, images, samples, classes=labels)
-        top5 = None
-        if out.logits is not None:
-            top5 = out.logits.detach().float().cpu().topk(min(5, out.logits.shape[1]), dim=1).indices.tolist()
+        top5 = _top5(out)
         gt = [scale_boxes(s.boxes, s.size or images[i].size, (size, size)) for i, s in enumerate(samples)]
         masks = ignores = None
         if self.with_masks:
@@ -212,6 +214,61 @@ class _BoxEvaluator(_Evaluator):
         return res
 
 
+def _top5(out: Any) -> list[list[int]] | None:
+    """The top-5 classes of each image from the method's logits (None: the method gave no class scores)."""
+    if out.logits is None:
+        return None
+    return out.logits.detach().float().cpu().topk(min(5, out.logits.shape[1]), dim=1).indices.tolist()
+
+
+def _missing_classifier(res: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """Metrics the protocol lists but the method could not give are named with the reason, never dropped."""
+    missing = [k for k in keys if res.get(k) is None]
+    if missing:
+        res["not_reported"] = {k: "the method returned no class scores (logits)" for k in missing}
+    return res
+
+
+class _FixedBoxEvaluator(_BoxEvaluator):
+    """CUB/ILSVRC under a fixed-τ box protocol (genpromp, wwbl-cub): one box per map at the protocol's τ;
+    GT-known, Top-1 and Top-5 Loc and classification accuracy."""
+
+    def new_metrics(self) -> dict[str, Any]:
+        from wsolbench.metrics import FixedBoxAccuracy
+
+        p = self.protocol
+        return {"fixed": FixedBoxAccuracy(p.tau, gray=p.gray, gt_known_op=p.gt_known_op),
+                "cls": ClassificationAccuracy()}
+
+    def process(self, samples, images):
+        from wsolbench.metrics import prepare_map_linear, scale_boxes, scale_boxes_clamped
+
+        size = int(self.protocol.map_size)
+        labels = [s.label for s in samples]
+        out = localize(self.method, images, samples, classes=labels)
+        top5 = _top5(out)
+        sizes = [s.size or images[i].size for i, s in enumerate(samples)]
+        gt = [scale_boxes_clamped(s.boxes, wh, size) if self.protocol.gt_scaling == "clamped"
+              else scale_boxes(s.boxes, wh, (size, size)) for s, wh in zip(samples, sizes)]
+        raw = _maps_by_variant(out)
+        batch: dict[str, dict[str, Any]] = {}
+        prepared: dict[str, list] = {}
+        for variant, arr in raw.items():
+            maps = prepared[variant] = [prepare_map_linear(arr[i, 0], (size, size)) for i in range(len(samples))]
+            mets = self.fresh(arr[:, :1])
+            mets["fixed"].update(maps, gt, pred_top5=top5, labels=labels if top5 else None)
+            if top5 is not None:
+                mets["cls"].update(top5, labels)
+            batch[variant] = mets
+        return batch, image_records(samples, out, raw, prepared, self.maps_dir, gt)
+
+    def summarize(self, mets, policy):
+        r = mets["fixed"].compute()
+        res = {"gt_known_loc": r["gt_known_loc"], "top1_loc": r.get("top1_loc"), "top5_loc": r.get("top5_loc"),
+               **mets["cls"].compute(), "threshold_policy": f"fixed(tau={r['tau']})"}
+        return _missing_classifier(res, ("top1_loc", "top5_loc"))
+
+
 class _MaskEvaluator(_Evaluator):
     """OpenImages30k: PxAP and pIoU on pixel masks with ignore regions."""
 
@@ -220,7 +277,8 @@ class _MaskEvaluator(_Evaluator):
     def new_metrics(self):
         from wsolbench.metrics import PxAP
 
-        return {"pxap": PxAP(cam_curve_interval=self.hcfg["cam_curve_interval"])}
+        return {"pxap": PxAP(cam_curve_interval=self.hcfg["cam_curve_interval"], allow_empty_gt=True),
+                "empty_fg": EmptyForeground()}
 
     def process(self, samples, images):
         from wsolbench.metrics import prepare_map
@@ -233,13 +291,15 @@ class _MaskEvaluator(_Evaluator):
             mets = self.fresh(arr[:, :1])
             prepared[variant] = [prepare_map(arr[i, 0], (size, size), dtype=np.float64) for i in range(len(samples))]
             mets["pxap"].update(prepared[variant], list(masks), list(ignores))
+            mets["empty_fg"].update(masks)
             batch[variant] = mets
         return batch, image_records(samples, out, _maps_by_variant(out), prepared, self.maps_dir, masks=masks,
                                     ignores=ignores, cam_curve_interval=self.hcfg["cam_curve_interval"])
 
     def summarize(self, mets, policy):
         px = mets["pxap"].compute(_p(policy, "pxap"))
-        return {"pxap": px["pxap"], "piou": px["piou"], "threshold_policy": px.get("threshold_policy", "oracle")}
+        return {"pxap": px["pxap"], "piou": px["piou"], "threshold_policy": px.get("threshold_policy", "oracle"),
+                **mets["empty_fg"].compute()}
 
 
 class _DenseEvaluator(_Evaluator):
@@ -277,7 +337,8 @@ class _DenseEvaluator(_Evaluator):
 
     def summarize(self, mets, policy):
         r = mets["miou"].compute(_p(policy, "miou"))
-        return {"miou": r["miou"], "best_bg_threshold": r.get("best_tau_miou"),
+        return {"miou": r["miou"], "bg_threshold": r["bg_threshold"], "best_bg_threshold": r.get("best_tau_miou"),
+                "miou_sweep_best": r["miou_sweep_best"], "sweep_best_bg_threshold": r["sweep_best_bg_threshold"],
                 "threshold_policy": r.get("threshold_policy", "oracle")}
 
 
@@ -298,6 +359,7 @@ class _PhraseEvaluator(_Evaluator):
         import cv2
 
         from wsolbench.datasets.flickr30k import grounding_samples
+        from wsolbench.metrics import union_box
 
         batch: dict[str, dict[str, Any]] = {}
         records = []
@@ -311,7 +373,7 @@ class _PhraseEvaluator(_Evaluator):
                                                           interpolation=cv2.INTER_LINEAR)
                     mets = batch.setdefault(variant, {**self.new_metrics(), "health": MapHealth()})
                     mets["health"].update(list(arr[0]))
-                    mets["pointing"].update([m], [g.boxes])
+                    mets["pointing"].update([m], [union_box(g.boxes)])  # WWbL: the entity's union box
                     mets["box"].update([m], [g.boxes])
                 records.append(phrase_record(s, g, entity_maps, self.maps_dir))
         if not batch:  # a batch with no gradable phrase still leaves an (empty) shard
@@ -323,8 +385,103 @@ class _PhraseEvaluator(_Evaluator):
                 "bbox_acc": mets["box"].compute()["box_acc"]}
 
 
+class _PointingEvaluator(_Evaluator):
+    """VOC 2007 test / COCO 2014 val: the TorchRay pointing game, one map per (image, class in the image)."""
+
+    task = "pointing"
+
+    @property
+    def flags(self) -> dict[str, Any] | None:
+        return getattr(self.dataset, "difficult_flags", None)
+
+    def new_metrics(self) -> dict[str, Any]:
+        from wsolbench.metrics import PointingGame
+
+        n, tol = self.dataset.num_classes, int(self.protocol.tolerance)
+        mets: dict[str, Any] = {"all": PointingGame(n, tol), "skips": PointingSkips()}
+        if self.flags is not None:
+            mets["difficult"] = PointingGame(n, tol)
+        return mets
+
+    def process(self, samples, images):
+        from wsolbench.metrics import resize_bilinear
+
+        pairs = [(i, c) for i, s in enumerate(samples) for c in pointing_classes(s)]
+        records = [{"image_id": s.image_id, "classes": pointing_classes(s)} for s in samples]
+        if not pairs:
+            return {"default": {**self.new_metrics(), "health": MapHealth()}}, records
+        out = localize(self.method, [images[i] for i, _ in pairs], [samples[i] for i, _ in pairs],
+                       classes=[c for _, c in pairs])
+        batch: dict[str, dict[str, Any]] = {}
+        for variant, arr in _maps_by_variant(out).items():
+            mets = self.fresh(arr[:, :1])
+            for k, (i, c) in enumerate(pairs):
+                s = samples[i]
+                w, h = s.size or images[i].size
+                gt = pointing_gt(self.dataset, s, c, (h, w))
+                if gt is None:
+                    mets["skips"].update(all_difficult=1)
+                    continue
+                m = resize_bilinear(arr[k, 0], (w, h))
+                mets["all"].update([m], [gt], [c])
+                if self.flags is not None:
+                    if s.image_id in self.flags and not self.flags[s.image_id][c]:
+                        mets["skips"].update(easy=1)
+                    else:
+                        mets["difficult"].update([m], [gt], [c])
+            batch[variant] = mets
+        return batch, records
+
+    def summarize(self, mets, policy):
+        res: dict[str, Any] = {"pointing_game": None, "pointing_game_difficult": None}
+        if mets["all"].count:
+            r = mets["all"].compute()
+            res.update(pointing_game=r["pointing_acc"], pointing_classes_evaluated=r["classes_evaluated"],
+                       pointing_pairs=r["count"])
+        if "difficult" in mets and mets["difficult"].count:
+            res["pointing_game_difficult"] = mets["difficult"].compute()["pointing_acc"]
+        res.update(mets["skips"].compute())
+        res["threshold_policy"] = "none (argmax)"
+        if self.flags is None:
+            res["not_reported"] = {"pointing_game_difficult": "no EBP difficult-flag file beside the data "
+                                                              "(pointing_game_ebp_<voc07|coco>_difficult.txt)"}
+        return res
+
+
+def pointing_classes(sample: Any) -> list[int]:
+    """The classes TorchRay queries for an image: every class with an object (difficult ones too)."""
+    if len(sample.box_labels):
+        return sorted({int(c) for c in sample.box_labels})
+    return sorted({int(c) for c in sample.labels})
+
+
+def pointing_gt(dataset: Any, sample: Any, c: int, shape: tuple[int, int]) -> np.ndarray | None:
+    """The class's GT for the pointing game: COCO the union of its instance masks (``class_mask``), VOC its
+    boxes (0-based inclusive); None when every box of the class is "difficult" (TorchRay skips the pair)."""
+    if hasattr(dataset, "class_mask"):
+        return dataset.class_mask(sample, c)
+    sel = np.asarray(sample.box_labels) == c
+    if sample.difficult is not None and bool(np.asarray(sample.difficult)[sel].all()):
+        return None
+    return np.asarray(sample.boxes)[sel]
+
+
 EVALUATORS = {"boxes": _BoxEvaluator, "masks": _MaskEvaluator, "dense": _DenseEvaluator,
-              "phrases": _PhraseEvaluator}
+              "phrases": _PhraseEvaluator, "pointing": _PointingEvaluator}
+
+
+def evaluator_class(task: str, protocol: Any) -> type:
+    """The evaluator of ``task`` under ``protocol`` (a fixed-τ box protocol has its own)."""
+    if task == "boxes" and protocol.box_scorer == "fixed-box":
+        return _FixedBoxEvaluator
+    return EVALUATORS[task]
+
+
+def protocol_harness(hcfg: dict, protocol: Any) -> dict:
+    """The harness settings with the protocol's map size, τ grid and δs filled in (what the evaluators read)."""
+    return {**hcfg, "eval_size": protocol.map_size, "cam_curve_interval": protocol.interval,
+            "iou_thresholds": list(protocol.iou_thresholds),
+            "miou_bg_thresholds": list(protocol.bg_thresholds) if protocol.bg_thresholds else None}
 
 
 class _Counts:
@@ -392,6 +549,40 @@ class MapHealth(_Counts):
         return {"rule": "non-finite or constant raw maps are scored as all-zero maps (wsolevaluation) and counted"}
 
 
+class EmptyForeground(_Counts):
+    """Images whose foreground mask is empty: scored as all-negative pixels (as wsolevaluation does) and counted."""
+
+    keys = ("empty",)
+
+    def update(self, masks: Sequence[np.ndarray]) -> None:
+        self.state["empty"] = self.state["empty"] + sum(not m.any() for m in masks)
+
+    def compute(self, policy: Any = None) -> dict[str, int]:
+        return {"empty_foreground_images": int(self.state["empty"])}
+
+    def options(self) -> dict[str, Any]:
+        return {"rule": "an image whose foreground mask is empty counts as all-negative pixels (reference)"}
+
+
+class PointingSkips(_Counts):
+    """(image, class) pairs the TorchRay pointing game skips: all the class's boxes "difficult", or (difficult
+    subset) an easy pair by the EBP flags; counted so that nothing is skipped silently."""
+
+    keys = ("all_difficult", "easy")
+
+    def update(self, all_difficult: int = 0, easy: int = 0) -> None:
+        self.state["all_difficult"] = self.state["all_difficult"] + all_difficult
+        self.state["easy"] = self.state["easy"] + easy
+
+    def compute(self, policy: Any = None) -> dict[str, int]:
+        return {"pairs_skipped_all_difficult": int(self.state["all_difficult"]),
+                "pairs_skipped_easy_in_difficult_subset": int(self.state["easy"])}
+
+    def options(self) -> dict[str, Any]:
+        return {"rule": "TorchRay: a class whose boxes are all difficult is skipped; the difficult subset keeps "
+                        "the pairs the EBP flags mark (images absent from the flag file are kept)"}
+
+
 def _resize_mask_pair(pair: tuple[np.ndarray, np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray]:
     """Nearest-neighbour resize of (foreground, ignore) to size×size (the wsolevaluation mask rule)."""
     import cv2
@@ -408,7 +599,7 @@ def choose_task(dataset: Any, method: Any) -> str:
 
     caps = {c.value if isinstance(c, Capability) else str(c) for c in method.capabilities}
     tasks = [t.value if hasattr(t, "value") else str(t) for t in dataset.tasks]
-    order = [t for t in ("boxes", "masks", "dense", "phrases") if t in tasks]
+    order = [t for t in ("boxes", "masks", "dense", "phrases", "pointing") if t in tasks]
     for task in order:
         if EVALUATORS[task].capability in caps:
             return task
@@ -426,22 +617,21 @@ def run(spec: RunSpec) -> RunResult:
     dataset_name = DATASETS.canonical(spec.dataset)
     m_over, h_over = split_overrides(spec.overrides)
     hcfg = load_harness_config(h_over)
-    if spec.split is None:
-        from dataclasses import replace
-
-        spec = replace(spec, split=DATASETS.get(dataset_name).eval_split)
-    dataset = _open_dataset(dataset_name, spec.split, spec.data_root, hcfg)
-    dataset_key = getattr(dataset, "config_key", dataset_name)
+    dataset_cls = DATASETS.get(dataset_name)
+    dataset_key = getattr(dataset_cls, "config_key", "") or dataset_name
     if spec.checkpoint is not None and not Path(spec.checkpoint).is_file():  # a saved directory: its own
         cfg = checkpoint_config(method_name, spec.checkpoint, m_over)  # config, with this run's --set on top
     else:
         cfg = load_method_config(method_name, spec.profile, dataset_key, m_over)
+    task, protocol, spec = _task_protocol_splits(spec, dataset_name, dataset_cls, method_name, cfg)
+    dataset = _open_dataset(dataset_name, spec.split, spec.data_root, hcfg)
+    protocol = _resolve_protocol(protocol, hcfg, cfg, dataset_key)
     if spec.limit is not None:
         dataset = dataset.subset(range(min(spec.limit, len(dataset))))
 
     resolved = {"method": method_name, "dataset": dataset_name, "split": spec.split, "profile": spec.profile,
                 "limit": spec.limit, "checkpoint": str(spec.checkpoint) if spec.checkpoint else None,
-                "method_config": cfg, "harness": hcfg}
+                "method_config": cfg, "harness": hcfg, "protocol": protocol.name, "train_split": spec.train_split}
     tiny_zoo = tuple(getattr(METHODS.get(method_name), "tiny_zoo", ()) or ())
     if spec.profile == "tiny" and tiny_zoo:  # a rebuilt zoo is a new run, never a resumed one
         from wsolbench.zoo import zoo_fingerprint
@@ -453,14 +643,9 @@ def run(spec: RunSpec) -> RunResult:
 
     _seed(int(hcfg["seed"]))
     method = _build_method(method_name, cfg, dataset, spec, hcfg, run_dir)
-    task = choose_task(dataset, method)
-    evaluator = EVALUATORS[task](hcfg, dataset, method)
-
-    policies = None
-    if hcfg["threshold_policy"] == "val":
-        policies = _val_policies(spec, hcfg, method, run_dir, task)
-    elif hcfg["threshold_policy"] == "fixed":
-        policies = {"*": _fixed_policy(hcfg)}
+    _check_serves(method, task)
+    evaluator = evaluator_class(task, protocol)(hcfg, dataset, method, protocol)
+    policies = _protocol_policies(protocol, spec, hcfg, method, run_dir, task)
     evaluator.maps_dir = run_dir / MAPS_DIR
     skipped = _evaluate(evaluator, dataset, run_dir / "cache", hcfg, spec.progress, f"{method_name}/{dataset_name}")
     results = evaluator.compute(_policy_map(policies, evaluator))
@@ -470,10 +655,11 @@ def run(spec: RunSpec) -> RunResult:
         "split": spec.split, "profile": spec.profile, "task": task, "n_images": len(dataset) - len(skipped),
         "skipped": {"count": len(skipped), "items": skipped},
         "results": results, "higher_is_better": _higher_is_better(evaluator),
-        "threshold_policy": hcfg["threshold_policy"] if hcfg["threshold_policy"] != "fixed"
-        else f"fixed(tau={hcfg['tau']})",
+        "threshold_policy": protocol.threshold if protocol.threshold != "fixed" else f"fixed(tau={protocol.tau})",
+        "protocol": protocol.as_record(), "protocol_label": protocol.label(), "train_split": spec.train_split,
+        "overrides": list(spec.overrides), "synthetic": is_synthetic(dataset_cls),
         "map_preparation": _preparation(), "metric_options": evaluator.options(),
-        "eval_size": hcfg["eval_size"], "seed": hcfg["seed"], "limit": spec.limit,
+        "eval_size": protocol.map_size, "seed": hcfg["seed"], "limit": spec.limit,
         "versions": _versions(), "git": _git_hash(), "wall_time_s": round(time.time() - t0, 2),
         # trained weights depend on the float summation order: tiny CAM on synthetic-cub gave MaxBoxAcc 52.0
         # with 2 threads and 47.0 with 1, so a run records what it ran with
@@ -482,6 +668,76 @@ def run(spec: RunSpec) -> RunResult:
     }
     write_json(run_dir / "metrics.json", record)
     return RunResult(run_dir=run_dir, results=results, record=record)
+
+
+def _task_protocol_splits(spec: RunSpec, dataset_name: str, dataset_cls: Any, method_name: str,
+                          cfg: dict) -> tuple[str, Any, RunSpec]:
+    """(task, protocol, spec with its splits filled in): ``--protocol`` chooses the task among the dataset's,
+    else the first task the method can serve names the protocol in the method config (else the task default).
+    Splits: ``--split`` / ``--train-split``, else the protocol's for this real dataset, else the dataset's."""
+    from dataclasses import replace
+
+    from .protocols import ProtocolError, choose_task_for, configured_protocol, get_protocol
+
+    method_cls = get_method_class(method_name)
+    try:
+        if spec.protocol is not None:
+            protocol = get_protocol(spec.protocol)
+            tasks = [t.value if hasattr(t, "value") else str(t) for t in dataset_cls.tasks]
+            task = choose_task_for(protocol, tasks, lambda t: _serves(method_cls, t))
+        else:
+            task = choose_task(dataset_cls, method_cls)
+            protocol = get_protocol(configured_protocol(cfg, task))
+            if task not in protocol.tasks:
+                raise ProtocolError(f"method config protocol.{task} = {protocol.name!r} scores "
+                                    f"{', '.join(protocol.tasks)}, not {task}: fix the config or pass --protocol")
+    except ProtocolError as exc:
+        raise HarnessError(str(exc)) from exc
+    paper = protocol.split_for(dataset_name)
+    split = spec.split or (paper[1] if paper else dataset_cls.eval_split)
+    train_split = spec.train_split or (paper[0] if paper else "train")
+    return task, protocol, replace(spec, split=split, train_split=train_split)
+
+
+def _resolve_protocol(protocol: Any, hcfg: dict, cfg: dict, dataset_key: str) -> Any:
+    from .protocols import ProtocolError, resolve
+
+    try:
+        return resolve(protocol, hcfg, cfg, dataset_key)
+    except ProtocolError as exc:
+        raise HarnessError(str(exc)) from exc
+
+
+def _serves(method: Any, task: str) -> bool:
+    from wsolbench.localizer import Capability
+
+    caps = {c.value if isinstance(c, Capability) else str(c) for c in method.capabilities}
+    return EVALUATORS[task].capability in caps
+
+
+def _check_serves(method: Any, task: str) -> None:
+    if not _serves(method, task):
+        raise HarnessError(f"method {method.registry_name!r} as configured cannot serve the {task!r} task "
+                           f"(it needs the {EVALUATORS[task].capability!r} capability)")
+
+
+def is_synthetic(dataset_cls: Any) -> bool:
+    """Whether a dataset is the synthetic world (its rows never share a table with real-dataset paper rows)."""
+    return bool(getattr(dataset_cls, "synthetic_format", None)) or \
+        str(getattr(dataset_cls, "registry_name", "")).startswith("synthetic-")
+
+
+def _protocol_policies(protocol: Any, spec: RunSpec, hcfg: dict, method: Any, run_dir: Path, task: str) -> Any:
+    """The threshold policies the protocol asks for (None: the metrics' oracle / their own rule)."""
+    from wsolbench.metrics import ThresholdPolicy
+
+    if protocol.threshold == "val":
+        return _val_policies(spec, hcfg, method, run_dir, task, protocol)
+    if protocol.threshold == "fixed" and protocol.box_scorer != "fixed-box":
+        return {"*": ThresholdPolicy.fixed(float(protocol.tau))}
+    if protocol.threshold == "early-stop":
+        return {"*": ThresholdPolicy("early-stop")}
+    return None
 
 
 def _open_dataset(name: str, split: str, root: Path | None, hcfg: dict) -> Any:
@@ -645,22 +901,15 @@ def _read_shard(path: Path, ids: list[str], evaluator: _Evaluator) -> tuple[dict
     return batch, meta["records"], meta["skipped"]
 
 
-def _fixed_policy(hcfg: dict) -> Any:
-    from wsolbench.metrics import ThresholdPolicy
-
-    if hcfg.get("tau") is None:
-        raise HarnessError("threshold_policy 'fixed' needs a threshold: --set harness.tau=0.23")
-    return ThresholdPolicy.fixed(float(hcfg["tau"]))
-
-
-def _val_policies(spec: RunSpec, hcfg: dict, method: Any, run_dir: Path, task: str) -> dict[str, Any]:
+def _val_policies(spec: RunSpec, hcfg: dict, method: Any, run_dir: Path, task: str,
+                  protocol: Any = None) -> dict[str, Any]:
     """Score the val split with the same method; each variant's τ is then the one best on val."""
     from wsolbench.metrics import ThresholdPolicy
 
     if spec.split == "val":
         raise HarnessError("threshold_policy 'val' chooses τ on the val split; evaluate a different split")
     val = _open_dataset(DATASETS.canonical(spec.dataset), "val", spec.data_root, hcfg)
-    evaluator = EVALUATORS[task](hcfg, val, method)
+    evaluator = EVALUATORS[task](hcfg, val, method, protocol)
     _evaluate(evaluator, val, run_dir / "val_cache", hcfg, spec.progress, "val (choosing τ)")
     return {variant: {name: ThresholdPolicy.from_val(m) for name, m in mets.items() if hasattr(m, "thresholds")}
             for variant, mets in evaluator.metrics.items()}
@@ -695,7 +944,8 @@ def _higher_is_better(evaluator: _Evaluator) -> dict[str, bool]:
 
 
 LEADERBOARD_METRICS = ("maxboxacc", "maxboxacc_v2", "gt_known_loc", "top1_loc", "top5_loc", "top1_cls",
-                       "top5_cls", "pxap", "piou", "miou", "pointing_game", "bbox_acc")
+                       "top5_cls", "pxap", "piou", "miou", "miou_sweep_best", "pointing_game",
+                       "pointing_game_difficult", "bbox_acc")
 
 
 def _preparation() -> str:
