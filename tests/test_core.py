@@ -81,7 +81,8 @@ def test_overrides_are_typed_and_unknown_keys_list_valid_ones():
     schema = {"train": {"lr": 0.1, "epochs": 2}, "backbone": "vgg16"}
     merged = C.merge(schema, C.nest(["train.lr=0.5"]), schema=schema, where="--set")
     assert merged["train"] == {"lr": 0.5, "epochs": 2}
-    with pytest.raises(C.ConfigError, match=r"unknown key 'lrr'; valid keys here: epochs, lr"):
+    with pytest.raises(C.ConfigError, match=r"unknown key 'train.lrr'; did you mean 'train.lr'\? valid keys under "
+                                            r"'train': epochs, lr"):
         C.merge(schema, C.nest(["train.lrr=0.5"]), schema=schema, where="--set")
 
 

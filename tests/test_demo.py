@@ -1,8 +1,10 @@
-"""The demo's method selection: methods whose tiny zoo is not built are left out by default, and said so."""
+"""The demo's method selection: every registered method; the zoo it needs is built only when asked."""
 from __future__ import annotations
 
+import pytest
+
 import wsolbench.registry as registry
-from wsolbench import demo
+from wsolbench import demo, zoo
 
 
 class _Plain:
@@ -13,16 +15,27 @@ class _ZooBased:
     tiny_zoo = ("clip",)
 
 
-def test_methods_waiting_for_the_zoo_are_split_off(isolated_env, monkeypatch):
-    monkeypatch.setattr(registry, "get_method_class", {"plain": _Plain, "zoo": _ZooBased}.__getitem__)
-    assert demo.zoo_ready(["plain", "zoo"]) == (["plain"], ["zoo"])
+def test_the_default_is_every_registered_method_fast_ones_first():
+    names = demo.demo_methods()
+    assert sorted(names) == registry.list_methods()
+    assert names[: len(demo.DEMO_ORDER)] == [m for m in demo.DEMO_ORDER if m in names]
+    assert demo.demo_methods(["TED-LOC", "center"]) == ["tedloc", "center"]
 
 
-def test_default_demo_reports_what_it_leaves_out(isolated_env, monkeypatch, capsys, tmp_path):
+def test_missing_zoo_stops_the_demo_before_any_work(isolated_env, monkeypatch):
     monkeypatch.setattr(registry, "get_method_class", {"plain": _Plain, "zoo": _ZooBased}.__getitem__)
-    monkeypatch.setattr(demo, "DEMO_METHODS", ("plain", "zoo"))
-    monkeypatch.setattr(demo, "available", lambda names: list(names))
-    (tmp_path / "runs").mkdir()
-    demo.run_demo(out=tmp_path / "runs", leaderboard_dir=tmp_path / "lb", datasets=())
-    text = capsys.readouterr().out
-    assert "zoo left out" in text and "wsolbench zoo build" in text and "methods plain on" in text
+    monkeypatch.setattr(demo, "demo_methods", lambda methods: ["plain", "zoo"])
+    out = isolated_env / "runs"
+    (out / "old-run").mkdir(parents=True)
+    with pytest.raises(zoo.ZooMissingError, match="wsolbench zoo build --scale tiny --models clip"):
+        demo.run_demo(out=out, leaderboard_dir=isolated_env / "lb", datasets=("synthetic-cub",), fresh=True)
+    assert (out / "old-run").exists() and not (isolated_env / "cache" / "synthetic").exists()
+    assert demo.missing_zoo(["plain"]) == [] and demo.missing_zoo(["zoo", "plain"]) == ["clip"]
+
+
+def test_build_zoo_builds_what_is_missing_first(isolated_env, monkeypatch):
+    monkeypatch.setattr(registry, "get_method_class", {"plain": _Plain, "zoo": _ZooBased}.__getitem__)
+    built = []
+    monkeypatch.setattr(zoo, "ensure_zoo", lambda scale, models, build: built.append((scale, models, build)))
+    demo.prepare_zoo(["plain", "zoo"], build=True)
+    assert built == [("tiny", ["clip"], True)]

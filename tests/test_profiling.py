@@ -90,5 +90,5 @@ def test_cli_profile_takes_config_overrides(capsys):
     assert main(["profile", "--method", "center", "--profile", "tiny", "--set", "sigma=0.3", "--n", "1",
                  "--num-classes", "2", "--input-size", "32"]) == 0
     assert "ms_per_image:" in capsys.readouterr().out
-    assert main(["profile", "--method", "center", "--profile", "tiny", "--set", "sigmaa=0.3", "--n", "1"]) == 2
+    assert main(["profile", "--method", "center", "--profile", "tiny", "--set", "sigmaa=0.3", "--n", "1"]) == 3
     assert "unknown key 'sigmaa'" in capsys.readouterr().err

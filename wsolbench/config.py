@@ -14,6 +14,7 @@ of valid keys at that level. A mapping that is empty in the schema (``{}``) acce
 from __future__ import annotations
 
 import copy
+import difflib
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -54,23 +55,77 @@ def read_yaml(path: str | Path, *, allow_base: bool = True) -> dict:
     return merge(read_yaml(base_path, allow_base=False), data, schema=None, where=str(path))
 
 
-def merge(base: Mapping, overlay: Mapping, *, schema: Mapping | None, where: str = "") -> dict:
-    """Deep-merge ``overlay`` onto ``base``; with a ``schema``, keys unknown to it raise ConfigError."""
+def merge(base: Mapping, overlay: Mapping, *, schema: Mapping | None, where: str = "", _path: str = "") -> dict:
+    """Deep-merge ``overlay`` onto ``base``; with a ``schema``, keys unknown to it raise ConfigError (naming
+    ``where``, the dotted key, the nearest valid keys and all valid keys at that level)."""
     out = copy.deepcopy(dict(base))
     for key, value in overlay.items():
+        dotted = f"{_path}{key}"
         sub_schema = None
         if schema is not None:
             if key not in schema:
-                valid = ", ".join(sorted(map(str, schema))) or "(none)"
-                raise ConfigError(f"{where}: unknown key {key!r}; valid keys here: {valid}")
+                raise ConfigError(_unknown_key(where, dotted, str(key), schema))
             sub_schema = schema[key]
         if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
             free = isinstance(sub_schema, Mapping) and len(sub_schema) == 0
             out[key] = merge(out[key], value, schema=None if free or not isinstance(sub_schema, Mapping)
-                             else sub_schema, where=f"{where}{'.' if where else ''}{key}")
+                             else sub_schema, where=where, _path=f"{dotted}.")
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def _unknown_key(where: str, dotted: str, key: str, level: Mapping) -> str:
+    valid = sorted(map(str, level))
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+    parent = dotted[: -len(key) - 1]  # (a "harness." prefix stays on the suggestions)
+    hint = f"did you mean {' or '.join(repr(parent + '.' + c if parent else c) for c in close)}? " if close else ""
+    return (f"{where}: unknown key {dotted!r}; {hint}valid keys {'under ' + repr(parent) if parent else 'here'}: "
+            f"{', '.join(valid) or '(none)'}")
+
+
+def check_types(schema: Mapping, overlay: Mapping, where: str, _path: str = "") -> None:
+    """Each value in ``overlay`` has the type of the schema's value for that key: an int for an int, a number
+    for a float, a bool for a bool, a string for a string, a list for a list, a mapping for a mapping; null
+    is accepted everywhere (it switches a setting off) and a schema value of null accepts anything."""
+    for key, value in overlay.items():
+        if key not in schema or value is None:
+            continue
+        dotted, expected = f"{_path}{key}", schema[key]
+        if isinstance(expected, Mapping):
+            if not isinstance(value, Mapping):
+                keys = list(map(str, expected))
+                shown = ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "") if keys else "any keys"
+                raise ConfigError(f"{where} {dotted}={show_value(value)}: {dotted!r} is a group of settings ({shown}); "
+                                  f"set one of them, e.g. {dotted}.<key>=<value>")
+            if expected:
+                check_types(expected, value, where, f"{dotted}.")
+            continue
+        wanted = _type_name(expected)
+        if wanted is not None and not _type_ok(expected, value):
+            raise ConfigError(f"{where} {dotted}={show_value(value)}: {dotted!r} expects {wanted} (default "
+                              f"{show_value(expected)}), got {show_value(value)} ({_type_name(value)})")
+
+
+def _type_name(value: Any) -> str | None:
+    for kind, name in ((bool, "a boolean (true/false)"), (int, "an integer"), (float, "a number"),
+                       (str, "a string"), (list, "a list, e.g. [1, 2]")):
+        if isinstance(value, kind):
+            return name
+    return None
+
+
+def _type_ok(expected: Any, value: Any) -> bool:
+    if isinstance(expected, bool) or isinstance(value, bool):
+        return isinstance(expected, bool) and isinstance(value, bool)
+    if isinstance(expected, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(expected))
+
+
+def show_value(value: Any) -> str:
+    """A value as one line of YAML (flow style), as ``config show`` and the error messages print it."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -136,15 +191,47 @@ def load_method_config(method: str, profile: str = "paper", dataset_key: str | N
                        overrides: Mapping[str, Any] | Iterable[str] | None = None,
                        extra_file: str | Path | None = None) -> dict:
     """The fully resolved config of ``method`` (see the module docstring for the order)."""
+    return resolve_method_config(method, profile, dataset_key, overrides, extra_file)[0]
+
+
+def resolve_method_config(method: str, profile: str = "paper", dataset_key: str | None = None,
+                          overrides: Mapping[str, Any] | Iterable[str] | None = None,
+                          extra_file: str | Path | None = None) -> tuple[dict, dict[str, str]]:
+    """(the resolved config, {dotted key: the file name or "--set" its value came from}) for ``config show``."""
     files = method_config_files(method, profile, dataset_key)
     schema = read_yaml(files[0])
-    cfg = copy.deepcopy(schema)
+    cfg, sources = copy.deepcopy(schema), dict.fromkeys(leaf_keys(schema), files[0].name)
     for f in files[1:] + ([Path(extra_file)] if extra_file else []):
-        cfg = merge(cfg, read_yaml(f), schema=schema, where=str(f))
+        layer = read_yaml(f)
+        cfg = merge(cfg, layer, schema=schema, where=str(f))
+        sources.update(dict.fromkeys(leaf_keys(layer), f.name))
     if overrides:
-        cfg = merge(cfg, nest(overrides), schema=schema, where="--set")
+        cfg = apply_overrides(cfg, overrides, schema)
+        sources.update(dict.fromkeys(leaf_keys(nest(overrides)), "--set"))
     cfg["profile"] = profile
-    return cfg
+    sources["profile"] = "--profile"
+    return cfg, sources
+
+
+def apply_overrides(cfg: Mapping, overrides: Mapping[str, Any] | Iterable[str], schema: Mapping,
+                    prefix: str = "") -> dict:
+    """``cfg`` with the dotted ``--set`` ``overrides`` merged on: each key must be in ``schema`` and of its
+    type. ``prefix`` ("harness.") is how the user spelled the keys, for the messages."""
+    nested = nest(overrides)
+    out = merge(cfg, nested, schema=schema, where="--set", _path=prefix)
+    check_types(schema, nested, "--set", prefix)
+    return out
+
+
+def leaf_keys(tree: Mapping, prefix: str = "") -> list[str]:
+    """The dotted keys of a nested mapping's leaves (an empty mapping is a leaf)."""
+    out = []
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            out += leaf_keys(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}")
+    return out
 
 
 def harness_defaults() -> dict:
@@ -153,8 +240,26 @@ def harness_defaults() -> dict:
 
 
 def load_harness_config(overrides: Mapping[str, Any] | Iterable[str] | None = None) -> dict:
+    """configs/harness.yaml with ``harness.*`` overrides (given without the prefix) checked and merged on."""
+    return resolve_harness_config(overrides)[0]
+
+
+def resolve_harness_config(overrides: Mapping[str, Any] | Iterable[str] | None = None
+                           ) -> tuple[dict, dict[str, str]]:
+    """(the harness config, {dotted key: "harness.yaml" or "--set"}), like :func:`resolve_method_config`."""
     schema = harness_defaults()
-    return merge(schema, nest(overrides), schema=schema, where="--set harness") if overrides else schema
+    sources = dict.fromkeys(leaf_keys(schema), "harness.yaml")
+    if not overrides:
+        return schema, sources
+    sources.update(dict.fromkeys(leaf_keys(nest(overrides)), "--set"))
+    return apply_overrides(schema, overrides, schema, prefix="harness."), sources
+
+
+def value_at(tree: Mapping, dotted: str) -> Any:
+    """``tree["a"]["b"]`` for ``"a.b"``."""
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
 
 
 def split_overrides(items: Iterable[str]) -> tuple[list[str], list[str]]:

@@ -1,7 +1,8 @@
 """The README's main job: a small benchmark on the synthetic world that ends with a Markdown leaderboard.
 
 It generates the synthetic CUB-format and VOC-format sets (cached), trains the tiny profiles that need
-training, evaluates every requested method that can serve each set, and prints + writes the leaderboard.
+training, evaluates every registered method (or those named) that can serve each set, and prints + writes the
+leaderboard. The zoo models the tiny profiles stand on are built first only when asked (``--build-zoo``).
 Runs resume: a second ``wsolbench demo`` reuses finished work (``--fresh`` discards it).
 """
 from __future__ import annotations
@@ -12,39 +13,46 @@ from pathlib import Path
 from typing import Sequence
 
 DEMO_DATASETS = ("synthetic-cub", "synthetic-voc")
-# Fast methods first; the foundation-model methods need the synthetic zoo (built once, then cached).
-DEMO_METHODS = ("center", "random", "cam", "tedloc", "mmcst", "wwbl", "genpromp")
+# The order the demo runs the built-in methods in: fast ones first. Plugins follow, by name.
+DEMO_ORDER = ("center", "random", "cam", "tedloc", "mmcst", "wwbl", "genpromp")
 
 
-def available(methods: Sequence[str]) -> list[str]:
-    """The names in ``methods`` that are registered here (a method that is not finished is not registered)."""
-    from .registry import list_methods
+def demo_methods(methods: Sequence[str] | None = None) -> list[str]:
+    """The named methods (registered names), or every registered method in ``DEMO_ORDER``."""
+    from .registry import METHODS, list_methods
 
-    known = set(list_methods())
-    return [m for m in methods if m in known]
+    if methods:
+        return [METHODS.canonical(m) for m in methods]
+    rank = {m: i for i, m in enumerate(DEMO_ORDER)}
+    return sorted(list_methods(), key=lambda m: (rank.get(m, len(rank)), m))
 
 
-def zoo_ready(methods: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Split ``methods`` into (runnable now, waiting for zoo models that are not built yet). Building the
-    tiny zoo takes longer than the rest of the demo, so the default demo leaves those methods out (and
-    says so) instead of starting a long build; ``--methods`` names them to build and run them anyway."""
+def missing_zoo(methods: Sequence[str]) -> list[str]:
+    """The tiny zoo models that ``methods`` stand on and that are not built (or are stale)."""
+    from . import zoo
     from .registry import get_method_class
 
-    ready, waiting = [], []
-    status = None
-    for name in methods:
-        needs = get_method_class(name).tiny_zoo
-        if needs and status is None:
-            from . import zoo
+    wanted = [m for m in zoo.MODELS if any(m in (get_method_class(n).tiny_zoo or ()) for n in methods)]
+    return zoo.missing_models("tiny", wanted) if wanted else []
 
-            status = zoo.zoo_status("tiny")  # read the manifest once, for every method
-        (waiting if needs and not all(status[m]["built"] for m in needs) else ready).append(name)
-    return ready, waiting
+
+def prepare_zoo(methods: Sequence[str], build: bool) -> None:
+    """Before any run: build the zoo models ``methods`` need if asked (``--build-zoo``), else stop (status 4)
+    naming the commands, instead of starting a long build nobody asked for."""
+    from . import zoo
+
+    missing = missing_zoo(methods)
+    if not missing:
+        return
+    if not build:
+        raise zoo.ZooMissingError(f"{zoo.missing_message('tiny', missing)}; or leave the zoo-based methods out: "
+                                  f"`wsolbench demo --methods center random cam`")
+    zoo.ensure_zoo("tiny", missing, build=True)
 
 
 def run_demo(out: Path = Path("runs/demo"), leaderboard_dir: Path = Path("leaderboards"),
              methods: Sequence[str] | None = None, fresh: bool = False,
-             datasets: Sequence[str] = DEMO_DATASETS) -> Path:
+             datasets: Sequence[str] = DEMO_DATASETS, build_zoo: bool = False) -> Path:
     """Run the demo benchmark; returns the path of the written leaderboard."""
     from .harness import HarnessError, RunSpec, choose_task, run
     from .leaderboard import build_tables, load_runs, render, write
@@ -53,17 +61,10 @@ def run_demo(out: Path = Path("runs/demo"), leaderboard_dir: Path = Path("leader
 
     t0 = time.time()
     out = Path(out)
+    names = demo_methods(methods)
+    prepare_zoo(names, build_zoo)
     if fresh and out.exists():
         shutil.rmtree(out)
-    names = available(methods or DEMO_METHODS)
-    if not methods:
-        names, waiting = zoo_ready(names)
-        if waiting:
-            from .zoo import build_command
-
-            print(f"wsolbench demo: {', '.join(waiting)} left out: their tiny profile needs the synthetic-world "
-                  f"zoo, which is not built yet (`{build_command('tiny')}`, about 17 min once; or "
-                  f"`wsolbench demo --methods {' '.join(names + waiting)}` builds it on the way)", flush=True)
     print(f"wsolbench demo: methods {', '.join(names)} on {', '.join(datasets)} (tiny profile, CPU)", flush=True)
     run_dirs: dict[str, list[Path]] = {}  # per dataset, for the report
     for dataset in datasets:

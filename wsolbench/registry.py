@@ -47,6 +47,9 @@ class Registry:
     kind: str  # "method" or "dataset"
     entry_point_group: str
     builtins: dict[str, str] = field(default_factory=dict)  # name -> "module:Class", imported lazily
+    # name -> its aliases, known without importing the module (the class's decorator names the same ones:
+    # tests/test_cli.py checks), so that resolving any name imports nothing
+    builtin_aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
     _entries: dict[str, _Entry] = field(default_factory=dict)
     _aliases: dict[str, str] = field(default_factory=dict)
     _plugins_loaded: bool = False
@@ -83,7 +86,9 @@ class Registry:
         self._plugins_loaded = True
         for name, target in self.builtins.items():
             if name not in self._entries:
-                self._entries[name] = _Entry(name, target)
+                aliases = self.builtin_aliases.get(name, ())
+                self._entries[name] = _Entry(name, target, aliases)
+                self._aliases.update((alias, name) for alias in aliases)
         for ep in importlib.metadata.entry_points(group=self.entry_point_group):
             self.register(ep.name, ep.value, source=f"entry point of {ep.dist.name if ep.dist else '?'}")
 
@@ -99,9 +104,10 @@ class Registry:
             return key
         if key in self._aliases:
             return self._aliases[key]
-        # Aliases of lazy builtins are only known after import: resolve them all once before failing.
+        # Aliases of entry-point plugins are only known after their import: resolve those (never the builtins,
+        # whose aliases are declared above) once before failing.
         for entry in list(self._entries.values()):
-            if isinstance(entry.target, str):
+            if isinstance(entry.target, str) and entry.source != "builtin":
                 try:
                     entry.resolve()
                 except ImportError:
@@ -109,9 +115,11 @@ class Registry:
         if key in self._aliases:
             return self._aliases[key]
         known = sorted(set(self._entries) | set(self._aliases))
-        close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise RegistryError(f"unknown {self.kind} {name!r}{hint} Known: {', '.join(self.names())}")
+        close = list(dict.fromkeys(self._aliases.get(c, c) for c in difflib.get_close_matches(key, known, n=3,
+                                                                                              cutoff=0.5)))
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise RegistryError(f"unknown {self.kind} {name!r}{hint} (known: {', '.join(self.names())}; "
+                            f"`wsolbench list {self.kind}s`)")
 
     def get(self, name: str) -> Any:
         return self._entries[self.canonical(name)].resolve()
@@ -139,12 +147,14 @@ METHODS = Registry(
         "mmcst": "wsolbench.methods.mmcst:MMCST",
         "genpromp": "wsolbench.methods.genpromp:GenPromp",
     },
+    builtin_aliases={"center": ("center-gaussian",), "tedloc": ("ted-loc",)},
 )
 DATASETS = Registry("dataset", "wsolbench.datasets", builtins={
     "cub": "wsolbench.datasets.cub:CUB200",
     "ilsvrc": "wsolbench.datasets.ilsvrc:ILSVRC",
     "openimages": "wsolbench.datasets.openimages:OpenImages30k",
     "voc": "wsolbench.datasets.voc:VOC2012",
+    "voc07": "wsolbench.datasets.voc:VOC2007",
     "coco": "wsolbench.datasets.coco:COCO2014",
     "flickr30k": "wsolbench.datasets.flickr30k:Flickr30kEntities",
     "synthetic-cub": "wsolbench.datasets.cub:SyntheticCUB",
@@ -153,7 +163,8 @@ DATASETS = Registry("dataset", "wsolbench.datasets", builtins={
     "synthetic-voc": "wsolbench.datasets.voc:SyntheticVOC",
     "synthetic-coco": "wsolbench.datasets.coco:SyntheticCOCO",
     "synthetic-flickr30k": "wsolbench.datasets.flickr30k:SyntheticFlickr30k",
-})
+}, builtin_aliases={"ilsvrc": ("imagenet",), "openimages": ("openimages30k",), "voc": ("voc12", "voc2012"),
+                    "coco": ("coco14", "coco2014"), "flickr30k": ("flickr30k-entities", "flickr30k_entities")})
 
 
 def register_method(name: str, aliases: Iterable[str] = ()) -> Callable[[T], T]:

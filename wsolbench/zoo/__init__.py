@@ -29,7 +29,9 @@ from .specs import SCALES, SPECS, check_scale, spec
 MODELS = ("clip", "diffusion", "captioner", "vit", "vgg", "classifier")
 BACKBONE_KINDS = ("vit", "vgg", "classifier")
 MANIFEST = "manifest.json"
-AUTOBUILD_ENV = "WSOLBENCH_ZOO_AUTOBUILD"  # "0": loaders raise ZooMissingError instead of building
+# "1" (what `--build-zoo` sets): loaders build missing models. Unset or "0": they raise ZooMissingError naming
+# the command, so no run or constructor starts ~15 minutes of training that nobody asked for.
+AUTOBUILD_ENV = "WSOLBENCH_ZOO_AUTOBUILD"
 
 __all__ = ["SCALES", "SPECS", "MODELS", "ZooMissingError", "zoo_root", "model_dir", "build_zoo", "ensure_zoo",
            "zoo_status", "create_clip", "load_clip", "create_diffusion_components", "diffusion_dir",
@@ -38,7 +40,7 @@ __all__ = ["SCALES", "SPECS", "MODELS", "ZooMissingError", "zoo_root", "model_di
 
 
 class ZooMissingError(FileNotFoundError):
-    """A zoo model is not built and auto-building is off; the message names the command that builds it."""
+    """A zoo model is not built (and building was not asked for); the message names the command that builds it."""
 
 
 def zoo_root(scale: str = "tiny") -> Path:
@@ -123,12 +125,37 @@ def build_zoo(scale: str = "tiny", *, out: str | Path | None = None, seed: int =
                  models=_normalise_models(models), progress=progress, force=force)
 
 
+def autobuild() -> bool:
+    """Whether loaders may build missing zoo models: only when asked (``--build-zoo`` or
+    ``WSOLBENCH_ZOO_AUTOBUILD=1``)."""
+    return os.environ.get(AUTOBUILD_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def missing_models(scale: str, models: Iterable[str] | str | None, root: str | Path | None = None) -> list[str]:
+    """The named zoo models (all when None) that are not built (or are stale) under ``root``."""
+    from .build import is_built, read_manifest
+
+    root = Path(root) if root is not None else zoo_root(scale)
+    manifest = read_manifest(root)
+    return [m for m in _normalise_models(models) if not is_built(m, root, manifest, scale)]
+
+
+def missing_message(scale: str, missing: Iterable[str], root: str | Path | None = None) -> str:
+    """One line: what is missing, where it was looked for, and the one command that builds it."""
+    missing = list(missing)
+    root = Path(root) if root is not None else zoo_root(scale)
+    took = " (about 15 minutes on 2 CPU cores, once)" if scale == "tiny" else ""
+    command = build_command(scale, None if set(missing) == set(MODELS) else missing)
+    return (f"the {scale} synthetic-world zoo lacks {', '.join(missing)} (looked in {root}); build it with "
+            f"`{command}`{took}, or add --build-zoo to `wsolbench run` / `wsolbench demo`")
+
+
 def ensure_zoo(scale: str = "tiny", models: Iterable[str] | str | None = None, *, seed: int = 0,
                root: str | Path | None = None, build: bool | None = None) -> Path:
     """Return the zoo root, building missing models first (it prints what it builds).
 
-    ``build=None`` follows ``WSOLBENCH_ZOO_AUTOBUILD`` (default on); with building off a missing model
-    raises :class:`ZooMissingError` naming the command that builds it.
+    ``build=None`` follows ``WSOLBENCH_ZOO_AUTOBUILD`` (default off: see :func:`autobuild`); with building off
+    a missing model raises :class:`ZooMissingError` naming the command that builds it.
     """
     from .build import build as _build
     from .build import is_built, read_manifest, with_dependencies, zoo_lock
@@ -137,15 +164,12 @@ def ensure_zoo(scale: str = "tiny", models: Iterable[str] | str | None = None, *
     root = Path(root) if root is not None else zoo_root(scale)
     wanted = _normalise_models(models)
     if build is None:
-        build = os.environ.get(AUTOBUILD_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
-    manifest = read_manifest(root)
-    missing = [m for m in wanted if not is_built(m, root, manifest, scale)]
+        build = autobuild()
+    missing = missing_models(scale, wanted, root)
     if not missing:
         return root
     if not build:
-        raise ZooMissingError(
-            f"the {scale} zoo lacks {', '.join(missing)} (looked in {root}). Build it with:\n"
-            f"    {build_command(scale, missing)}\n(or unset {AUTOBUILD_ENV}=0 to let methods build it)")
+        raise ZooMissingError(missing_message(scale, missing, root))
     with zoo_lock(root):
         manifest = read_manifest(root)  # another process may have built it meanwhile
         missing = [m for m in wanted if not is_built(m, root, manifest, scale)]
