@@ -11,12 +11,22 @@ Backbones (the WSOL-standard variants of wsolevaluation, Choe et al. CVPR 2020, 
 * ``resnet50``: layer4 with stride 1 (14×14); ``large_feature_map`` also sets layer3 to stride 1 (28×28).
   Same parameter names as torchvision, so ImageNet checkpoints load unchanged.
 * ``inceptionv3``: Mixed_6a with stride 1 and the first conv padded (28×28 with ``large_feature_map``, else an
-  extra max-pool → 14×14) + two 3×3 convs (768→1024→1024) with dropout 0.5, as in wsolevaluation.
+  extra max-pool → 14×14) + two 3×3 convs (768→1024→1024) with dropout 0.5, as in wsolevaluation, which feeds
+  the ImageNet-normalised tensor straight to the first conv (``inception_input: imagenet``; ``pm1`` rescales to
+  the [-1, 1] range the Google weights were trained with, torchvision's ``transform_input``).
 * ``tiny``: a small BN-ReLU CNN trained from scratch (stride 8) for CPU demos and tests.
 
 ImageNet weights (profile ``paper``) are loaded in ``fit`` (not when only rebuilding a trained model) through
 ``wsolbench.weights`` (a local path, WSOLBENCH_WEIGHTS or the torch hub cache; never downloaded); missing weights
 raise ``MissingWeightsError`` naming the file, the places searched and the command that fetches it.
+``pretrained_classifier: true`` also keeps the ImageNet ``fc`` (wsolevaluation does so for ResNet50 on ILSVRC);
+``finetune_from: DIR`` starts instead from a saved wsolbench CAM's backbone and head.
+
+Trained wsolevaluation checkpoints (``best_checkpoint.pth.tar``: ``architecture``, ``state_dict``) load through
+``CAM.load_foreign`` (``wsolbench run --checkpoint FILE``): names are mapped to ``CAMNet``'s
+(``wsolevaluation_to_camnet``) and loaded with ``wsolbench.checkpoint.load_exact`` (every tensor used and
+present unless ``load.partial`` names it; the run records the ``LoadReport``). The checkpoint does not store
+``large_feature_map``: the config must name it (the ``cam_<backbone>*.yaml`` recipes do).
 
 Training: cross-entropy (single-label) or multi-label soft margin (VOC/COCO) — decided from
 ``train_data.multi_label`` unless ``train.loss`` says otherwise; SGD with a higher learning rate on the new
@@ -42,6 +52,7 @@ log = logging.getLogger(__name__)
 
 BACKBONES = ("vgg16", "resnet50", "inceptionv3", "tiny")
 VARIANTS = ("cam", "gradcam")
+INCEPTION_INPUTS = ("imagenet", "pm1")  # what InceptionV3's first conv sees: wsolevaluation's | torchvision's
 # names of the ImageNet checkpoints in the weights catalogue (wsolbench.weights: torchvision files
 # vgg16-397923af.pth, resnet50-0676ba61.pth, inception_v3_google-0cc3c7bd.pth)
 WEIGHT_NAMES = {"vgg16": "vgg16", "resnet50": "resnet50", "inceptionv3": "inception-v3"}
@@ -139,13 +150,13 @@ class ResNet50Trunk(nn.Module):
 
 class InceptionV3Trunk(nn.Module):
     """torchvision InceptionV3 up to Mixed_6e with wsolevaluation's changes (first conv padded, Mixed_6a at
-    stride 1, an extra max-pool before Mixed_6a unless ``large_feature_map``). Inputs normalised with the
-    ImageNet mean/std are mapped to the [-1, 1] range the Google weights expect (torchvision transform_input)."""
+    stride 1, an extra max-pool before Mixed_6a unless ``large_feature_map``). ``transform_input`` maps
+    ImageNet-normalised inputs to [-1, 1] (torchvision's convention); wsolevaluation does not."""
 
     _NAMES = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3", "Mixed_5b",
               "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e")
 
-    def __init__(self, large_feature_map: bool, transform_input: bool = True) -> None:
+    def __init__(self, large_feature_map: bool, transform_input: bool = False) -> None:
         super().__init__()
         from torchvision.models import inception_v3
 
@@ -215,7 +226,10 @@ def build_cam_net(cfg: dict, num_classes: int) -> CAMNet:
         head = nn.Sequential(nn.Conv2d(dim, head_channels, 3, padding=1), nn.ReLU(inplace=False)) \
             if head_channels else nn.Sequential()
     elif name == "inceptionv3":
-        backbone, dim = InceptionV3Trunk(large), 768
+        inception_input = str(cfg.get("inception_input") or "imagenet").lower()
+        if inception_input not in INCEPTION_INPUTS:
+            raise ValueError(f"inception_input must be one of {', '.join(INCEPTION_INPUTS)}, got {inception_input!r}")
+        backbone, dim = InceptionV3Trunk(large, transform_input=inception_input == "pm1"), 768
         head_channels = 1024 if head_channels is None else int(head_channels)
         head = nn.Sequential(nn.Dropout(0.5), nn.Conv2d(dim, head_channels, 3, padding=1), nn.ReLU(inplace=False),
                              nn.Dropout(0.5), nn.Conv2d(head_channels, head_channels, 3, padding=1),
@@ -254,6 +268,9 @@ def resolve_imagenet_weights(backbone: str, spec: Any) -> Path:
     path = Path(text).expanduser()
     if path.is_file():
         return path
+    if (path / "model.safetensors").is_file():
+        raise ValueError(f"config key 'pretrained': {path} is a saved wsolbench model, not ImageNet weights; "
+                         f"to start from a saved CAM set finetune_from={path} (and pretrained=null)")
     if not path.exists():
         raise MissingWeightsError(f"CAM pretrained weights {path} do not exist (config key 'pretrained'); "
                                   f"use 'imagenet' to search the weights dir and the torch cache")
@@ -282,8 +299,9 @@ def _copy_checked(module: nn.Module, mapped: dict[str, torch.Tensor], required: 
     return sorted(mapped)
 
 
-def load_imagenet(net: CAMNet, backbone: str, path: Path) -> list[str]:
-    """Copy the backbone tensors of a torchvision checkpoint into ``net.backbone``; returns the loaded keys."""
+def load_imagenet(net: CAMNet, backbone: str, path: Path, classifier: bool = False) -> list[str]:
+    """Copy the backbone tensors of a torchvision checkpoint into ``net.backbone`` and, with ``classifier``
+    (ResNet50 only, as wsolevaluation on ILSVRC), its ``fc`` into ``net.fc``; returns the loaded keys."""
     state = _read_state(path)
     own = list(net.backbone.state_dict())
     if backbone == "vgg16":
@@ -293,7 +311,19 @@ def load_imagenet(net: CAMNet, backbone: str, path: Path) -> list[str]:
         mapped = {k: v for k, v in state.items() if k in keys}
     else:
         raise ValueError(f"backbone {backbone!r} has no ImageNet weights")
-    return _copy_checked(net.backbone, mapped, own, path, f"torchvision {backbone} weights")
+    loaded = _copy_checked(net.backbone, mapped, own, path, f"torchvision {backbone} weights")
+    if not classifier:
+        return loaded
+    if backbone != "resnet50":
+        raise ValueError(f"pretrained_classifier: only resnet50's ImageNet fc fits the CAM classifier "
+                         f"(GAP of the last features); {backbone}'s does not (set pretrained_classifier: false)")
+    fc = {k.removeprefix("fc."): v for k, v in state.items() if k.startswith("fc.")}
+    if sorted(fc) != sorted(net.fc.state_dict()) or fc["weight"].shape != net.fc.weight.shape:
+        raise ValueError(f"pretrained_classifier: {path} has fc {({k: tuple(v.shape) for k, v in fc.items()})} but "
+                         f"the CAM classifier is {tuple(net.fc.weight.shape)} (the ImageNet fc needs the 1000 "
+                         "ILSVRC classes; set pretrained_classifier: false for other label sets)")
+    net.fc.load_state_dict(fc)
+    return loaded + [f"fc.{k}" for k in sorted(fc)]
 
 
 def load_saved_backbone(net: CAMNet, path: Path) -> list[str]:
@@ -303,8 +333,59 @@ def load_saved_backbone(net: CAMNet, path: Path) -> list[str]:
     own = net.state_dict()
     mapped = {k: v for k, v in state.items() if k.startswith(("backbone.", "head.")) and k in own}
     return _copy_checked(net, mapped, [k for k in own if k.startswith("backbone.")], path,
-                         "a CAM with this backbone (config key 'pretrained': use the same backbone/tiny "
+                         "a CAM with this backbone (config key 'finetune_from': use the same backbone/tiny "
                          "settings as the saved model)")
+
+
+# ------------------------------------------------------------------------------ wsolevaluation checkpoints
+# wsolevaluation's ``architecture`` field -> our backbone name
+WSOLEVALUATION_ARCHS = {"vgg16": "vgg16", "resnet50": "resnet50", "inception_v3": "inceptionv3"}
+# wsolevaluation's extra layers -> CAMNet's (VGG ``conv6``; Inception ``SPG_A3_*`` around dropouts, ``SPG_A4``
+# is a 1×1 conv classifier, i.e. ``fc`` applied per position)
+_WSOLEVALUATION_HEADS = {"conv6.": "head.0.", "SPG_A3_1b.0.": "head.1.", "SPG_A3_2b.0.": "head.4.",
+                         "SPG_A4.": "fc.", "fc.": "fc."}
+# wsolevaluation's VGG16 with large_feature_map has no pool4 entry: its features from index 23 on sit one
+# index lower than torchvision's (which CAMNet keeps, with Identity in place of the removed pools)
+_VGG_POOL4 = 23
+
+
+def wsolevaluation_to_camnet(state: dict[str, torch.Tensor], backbone: str,
+                             large_feature_map: bool) -> dict[str, torch.Tensor]:
+    """A wsolevaluation CAM ``state_dict`` (``wsol/{vgg,resnet,inception}.py``) under CAMNet's names."""
+    out = {}
+    for key, value in state.items():
+        head = next((p for p in _WSOLEVALUATION_HEADS if key.startswith(p)), None)
+        if head is not None:
+            name = _WSOLEVALUATION_HEADS[head] + key[len(head):]
+            if head == "SPG_A4." and value.dim() == 4:
+                value = value.flatten(1)  # C×D×1×1 conv → C×D linear
+        elif backbone == "vgg16" and key.startswith("features."):
+            index, rest = key[len("features."):].split(".", 1)
+            index = int(index) + (1 if large_feature_map and int(index) >= _VGG_POOL4 else 0)
+            name = f"backbone.{index}.{rest}"
+        else:
+            name = f"backbone.{key}"
+        out[name] = value
+    return out
+
+
+def read_wsolevaluation_checkpoint(path: str | Path) -> tuple[str, dict[str, torch.Tensor]]:
+    """(our backbone name, state_dict) of a wsolevaluation ``torch.save`` checkpoint (read with
+    ``weights_only``: no pickled code runs)."""
+    from wsolbench.checkpoint import load_tensors
+
+    path = Path(path)
+    obj = load_tensors(path)
+    if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict):
+        keys = sorted(obj)[:5] if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"{path}: not a wsolevaluation checkpoint (expected a dict with 'architecture' and "
+                         f"'state_dict', as main.py's _torch_save_model writes; got {keys})")
+    arch = str(obj.get("architecture", ""))
+    if arch not in WSOLEVALUATION_ARCHS:
+        raise ValueError(f"{path}: field 'architecture' is {arch!r}; wsolevaluation CAMs are "
+                         f"{', '.join(WSOLEVALUATION_ARCHS)}")
+    state = {k.removeprefix("module."): v for k, v in obj["state_dict"].items()}
+    return WSOLEVALUATION_ARCHS[arch], state
 
 
 # ----------------------------------------------------------------------------------------------- method
@@ -356,6 +437,34 @@ class CAM(Localizer):
     def multi_label(self) -> bool:
         return bool(self.config.get("multi_label") or False)
 
+    @classmethod
+    def load_foreign(cls, path: str | Path, config: dict | None = None, class_names: Sequence[str] | None = None,
+                     device: str = "cpu") -> "CAM":
+        """A CAM from a trained wsolevaluation checkpoint (``wsolbench run --checkpoint FILE``): the config
+        gives what the file does not store (``large_feature_map``), its ``backbone`` must be the file's."""
+        from wsolbench.checkpoint import load_exact, partial_names
+        from wsolbench.config import merge
+
+        cfg = merge(_default_config(), dict(config or {}), schema=None)
+        backbone, state = read_wsolevaluation_checkpoint(path)
+        if str(cfg.get("backbone")).lower() != backbone:
+            raise ValueError(f"{path} holds a wsolevaluation {backbone} but the config's backbone is "
+                             f"{cfg.get('backbone')!r}; use --set backbone={backbone} (or configs/cam_{backbone}*.yaml)")
+        large = bool(cfg.get("large_feature_map", False))
+        mapped = wsolevaluation_to_camnet(state, backbone, large)
+        sizes = [int(mapped[k].shape[0]) for k in ("fc.weight", "fc.bias") if k in mapped]
+        num_classes = sizes[0] if sizes else len(class_names or [])
+        if class_names and len(class_names) != num_classes:
+            raise ValueError(f"{path} classifies {num_classes} classes but the dataset has {len(class_names)}")
+        cfg.update(num_classes=num_classes, multi_label=False)  # wsolevaluation trains single-label CE
+        method = cls(cfg, class_names=class_names, device=device)
+        method.load_report = load_exact(method.model, {k: v.to(device) for k, v in mapped.items()},
+                                        partial=partial_names(cfg), layout=f"wsolevaluation-{backbone}",
+                                        where=f"{path} (read as a wsolevaluation {backbone} CAM with "
+                                              f"large_feature_map={str(large).lower()})")
+        method.model.eval()
+        return method
+
     # -- training --
     def fit(self, train_data: Any, *, val_data: Any = None, out_dir: str | Path | None = None,
             resume: bool = False, progress: bool = True) -> dict:
@@ -383,17 +492,7 @@ class CAM(Localizer):
 
         out = Path(out_dir) if out_dir is not None else None
         ckpt_exists = out is not None and (out / "last.pt").exists()
-        pretrained = self.config.get("pretrained")
-        loaded_from = None
-        if pretrained and not (resume and ckpt_exists):
-            saved = Path(str(pretrained)).expanduser() / "model.safetensors"
-            if saved.is_file():  # a saved wsolbench CAM: start from its backbone (fine-tuning)
-                load_saved_backbone(self.model, saved)
-                path = saved
-            else:
-                path = resolve_imagenet_weights(self.backbone_name, pretrained)
-                load_imagenet(self.model, self.backbone_name, path)
-            loaded_from = str(path)
+        loaded_from = None if resume and ckpt_exists else self._load_start_weights()
 
         net = self.model
         net.freeze_bn = bool(t.get("freeze_bn", False))
@@ -449,6 +548,27 @@ class CAM(Localizer):
         if out is not None:
             result["out_dir"] = str(out)
         return result
+
+    def _load_start_weights(self) -> str | None:
+        """Load what training starts from: ``finetune_from`` (a saved wsolbench CAM directory: backbone and
+        head) or ``pretrained`` (ImageNet weights); returns the file read, or None."""
+        pretrained, finetune = self.config.get("pretrained"), self.config.get("finetune_from")
+        if finetune:
+            if pretrained:
+                raise ValueError(f"config keys 'pretrained' ({pretrained}) and 'finetune_from' ({finetune}) both set: "
+                                 "finetune_from replaces the ImageNet start; set pretrained=null")
+            saved = Path(str(finetune)).expanduser() / "model.safetensors"
+            if not saved.is_file():
+                raise FileNotFoundError(f"config key 'finetune_from': {saved} not found; it must be a directory "
+                                        "written by Localizer.save (a wsolbench run's checkpoint/ folder)")
+            load_saved_backbone(self.model, saved)
+            return str(saved)
+        if not pretrained:
+            return None
+        path = resolve_imagenet_weights(self.backbone_name, pretrained)
+        load_imagenet(self.model, self.backbone_name, path,
+                      classifier=bool(self.config.get("pretrained_classifier", False)))
+        return str(path)
 
     def _optimizer(self, t: dict) -> torch.optim.Optimizer:
         prefixes = tuple(t.get("classifier_prefixes") or DEFAULT_CLASSIFIER_PREFIXES[self.backbone_name])
@@ -536,6 +656,27 @@ class CAM(Localizer):
     def __repr__(self) -> str:
         return (f"CAM(backbone={self.backbone_name!r}, variant={self.variant!r}, classes={self.num_classes}, "
                 f"multi_label={self.multi_label})")
+
+
+RECIPE_DATASETS = ("cub", "ilsvrc", "openimages")
+
+
+def recipe_file(backbone: str, dataset: str) -> Path:
+    """``configs/cam_<backbone>_<dataset>.yaml``: the wsolevaluation recipe of one backbone on one dataset."""
+    from wsolbench.config import config_dir
+
+    path = config_dir() / f"cam_{backbone}_{dataset}.yaml"
+    if not path.is_file():
+        raise ValueError(f"no CAM recipe {path.name}: recipes exist for backbones {', '.join(WEIGHT_NAMES)} on "
+                         f"{', '.join(RECIPE_DATASETS)}")
+    return path
+
+
+def recipe_config(backbone: str, dataset: str, overrides: Sequence[str] = (), profile: str = "paper") -> dict:
+    """The resolved paper config of one recipe: cam.yaml ← cam_<dataset>.yaml ← the recipe file ← ``overrides``."""
+    from wsolbench.config import load_method_config
+
+    return load_method_config("cam", profile, dataset, list(overrides), extra_file=recipe_file(backbone, dataset))
 
 
 def config_for(backbone: str, **train_overrides: Any) -> dict:

@@ -12,7 +12,7 @@ from torch import nn
 from wsolbench.datasets.base import Sample, WSOLDataset
 from wsolbench.datasets.synthetic import CLASS_NAMES, render_scene
 from wsolbench.localizer import InputError
-from wsolbench.methods.cam import (CAM, MissingWeightsError, build_cam_net, load_imagenet,
+from wsolbench.methods.cam import (CAM, MissingWeightsError, build_cam_net, load_imagenet, recipe_config,
                                    resolve_imagenet_weights)
 
 SMALL = {"backbone": "tiny", "pretrained": None, "input_size": 64, "head_channels": 16,
@@ -189,15 +189,15 @@ def test_imagenet_weights_load_and_missing_file_message(isolated_env):
     assert net.backbone.layer3[0].conv2.stride == (1, 1)  # the stride change survives loading
 
 
-def test_pretrained_from_a_saved_cam_copies_backbone_not_classifier(scenes, tmp_path):
-    """``pretrained: <saved CAM dir>`` fine-tunes from another CAM: backbone and head are copied before
+def test_finetune_from_a_saved_cam_copies_backbone_not_classifier(scenes, tmp_path):
+    """``finetune_from: <saved CAM dir>`` fine-tunes from another CAM: backbone and head are copied before
     training, the classifier (other classes here) is not; an incompatible backbone is a clear error."""
     source = CAM(SMALL, class_names=list("abcdef"))
     with torch.no_grad():
         for p in source.model.parameters():
             p.add_(1.0)
     source.save(tmp_path / "source")
-    m = CAM({**SMALL, "pretrained": str(tmp_path / "source"), "train": {**SMALL["train"], "epochs": 1, "lr": 0.0}})
+    m = CAM({**SMALL, "finetune_from": str(tmp_path / "source"), "train": {**SMALL["train"], "epochs": 1, "lr": 0.0}})
     result = m.fit(scenes, progress=False)
     assert result["pretrained"] == str(tmp_path / "source" / "model.safetensors")
     src = source.state_dict()
@@ -205,6 +205,57 @@ def test_pretrained_from_a_saved_cam_copies_backbone_not_classifier(scenes, tmp_
         if k.startswith("backbone.") and k.endswith("weight"):
             assert torch.equal(v, src[k]), k
     assert m.state_dict()["fc.weight"].shape[0] == 4
-    wide = CAM({**SMALL, "tiny": {**SMALL["tiny"], "widths": [8, 32]}, "pretrained": str(tmp_path / "source")})
+    wide = CAM({**SMALL, "tiny": {**SMALL["tiny"], "widths": [8, 32]}, "finetune_from": str(tmp_path / "source")})
     with pytest.raises(ValueError, match="not a CAM with this backbone"):
         wide.fit(scenes, progress=False)
+
+
+def test_a_saved_cam_is_never_taken_for_imagenet_weights(scenes, tmp_path):
+    """A saved model under ``pretrained`` (even in a folder named like the keyword) is refused with the fix;
+    both keys at once, or a finetune_from without a saved model, are refused too."""
+    CAM(SMALL, class_names=list("abcd")).save(tmp_path / "imagenet")
+    with pytest.raises(ValueError, match=r"is a saved wsolbench model.*set finetune_from="):
+        resolve_imagenet_weights("vgg16", str(tmp_path / "imagenet"))
+    both = CAM({**SMALL, "pretrained": "imagenet", "finetune_from": str(tmp_path / "imagenet")})
+    with pytest.raises(ValueError, match="both set"):
+        both.fit(scenes, progress=False)
+    with pytest.raises(FileNotFoundError, match="finetune_from.*model.safetensors not found"):
+        CAM({**SMALL, "finetune_from": str(tmp_path)}).fit(scenes, progress=False)
+
+
+def test_ilsvrc_resnet50_keeps_the_imagenet_classifier(tmp_path):
+    """``pretrained_classifier`` (the ILSVRC ResNet50 recipe) copies torchvision's fc; other label sets and
+    other backbones are refused with the fix."""
+    from torchvision.models import resnet50
+
+    tv = resnet50(weights=None)
+    torch.nn.init.normal_(tv.fc.weight)
+    torch.save(tv.state_dict(), tmp_path / "r50.pth")
+    net = build_cam_net({"backbone": "resnet50"}, num_classes=1000)
+    keys = load_imagenet(net, "resnet50", tmp_path / "r50.pth", classifier=True)
+    assert "fc.weight" in keys and torch.equal(net.fc.weight, tv.fc.weight) and torch.equal(net.fc.bias, tv.fc.bias)
+    with pytest.raises(ValueError, match="needs the 1000 ILSVRC classes"):
+        load_imagenet(build_cam_net({"backbone": "resnet50"}, num_classes=200), "resnet50", tmp_path / "r50.pth",
+                      classifier=True)
+    assert recipe_config("resnet50", "ilsvrc")["pretrained_classifier"] is True  # the ILSVRC ResNet50 recipe
+    assert recipe_config("resnet50", "cub")["pretrained_classifier"] is False
+    assert recipe_config("vgg16", "ilsvrc")["pretrained_classifier"] is False
+
+
+@pytest.mark.parametrize("backbone", ["vgg16", "resnet50", "inceptionv3"])
+@pytest.mark.parametrize("dataset", ["cub", "ilsvrc", "openimages"])
+def test_every_backbone_dataset_recipe_resolves_with_its_sources(backbone, dataset):
+    """Each recipe file sets its backbone, states a source for each value, and sits between the dataset overlay
+    and the user's --set."""
+    from wsolbench.methods.cam import recipe_file
+
+    cfg = recipe_config(backbone, dataset, ["train.seed=3"])
+    assert cfg["backbone"] == backbone and cfg["train"]["seed"] == 3
+    assert cfg["large_feature_map"] is (backbone != "vgg16")
+    if dataset != "cub":  # the dataset overlay's schedule stays (10 epochs, decay every 3)
+        assert cfg["train"]["epochs"] == 10 and cfg["train"]["lr_decay_every"] == 3
+    lines = [ln for ln in recipe_file(backbone, dataset).read_text().splitlines()
+             if ln.strip() and not ln.lstrip().startswith("#") and not ln.rstrip().endswith(":")]
+    assert all("#" in ln for ln in lines), lines
+    with pytest.raises(ValueError, match="no CAM recipe cam_tiny_cub.yaml"):
+        recipe_file("tiny", "cub")
