@@ -49,6 +49,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-split", default=None,
                    help="split a trained method fits on; default: the protocol's for the dataset, else train")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--workers", type=int, default=None,
+                   help="image-decoding processes per rank (default: its share of the CPU cores, 0 below 2)")
+    p.add_argument("--amp", choices=("bf16", "fp16"), default=None,
+                   help="mixed precision for the model call (paper profiles on GPU); recorded, a separate run")
     _add_build_zoo_arg(p)
 
 
@@ -120,15 +124,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = list(args.set) + ([f"harness.on_error={args.on_error}"] if args.on_error else [])
     check_run(args.method, args.dataset, args.profile, overrides, args.checkpoint, args.build_zoo)
     from .harness import RunSpec, run  # after the checks: a bad name or value exits before numpy/torch load
+    from .distributed import current as current_world
     from .leaderboard import build_tables, render
 
     spec = RunSpec(method=args.method, dataset=args.dataset, split=args.split, profile=args.profile,
                    limit=args.limit, out=args.out, resume=args.resume, device=args.device,
                    checkpoint=args.checkpoint, overrides=tuple(overrides), data_root=args.data_root,
-                   run_id=args.run_id, progress=not args.quiet, protocol=args.protocol,
+                   run_id=args.run_id, progress=not args.quiet, workers=args.workers,
+                   amp=args.amp, protocol=args.protocol,
                    train_split=args.train_split)
     with zoo_building(args.build_zoo):
         result = run(spec)
+    if not current_world().is_main:  # under torchrun every rank holds the result; rank 0 reports it
+        return 0
     print(render(build_tables([result.record], with_paper=False)))
     skipped = result.record["skipped"]["count"]
     if skipped:

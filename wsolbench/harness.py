@@ -23,7 +23,10 @@ import yaml
 
 from .checkpoint import CheckpointError, load_foreign_method, load_record
 from .config import load_harness_config, load_method_config, split_overrides
+from .distributed import DistributedError, World, barrier, current as current_world, fit_and_save
+from .distributed import describe as describe_parallel, init as init_world, rank_device, training_mode
 from .io import atomic_path, write_json, write_text
+from .pipeline import EvalOptions, check_amp, default_workers, scored_batches
 from .records import MAPS_DIR, dense_records, image_records, phrase_record
 from .records import finish as finish_records
 from .registry import DATASETS, METHODS, create_dataset, get_method_class
@@ -50,6 +53,8 @@ class RunSpec:
     data_root: Path | None = None
     run_id: str | None = None
     progress: bool = True
+    workers: int | None = None  # image-decoding processes per rank (None: pipeline.default_workers)
+    amp: str | None = None  # bf16 | fp16: localize under torch.autocast (changes the numbers; recorded)
     train_split: str | None = None  # None: the protocol's training split for the dataset, else "train"
     protocol: str | None = None  # None: the method config's protocol.<task>, else the task's default
 
@@ -613,6 +618,7 @@ def choose_task(dataset: Any, method: Any) -> str:
 def run(spec: RunSpec) -> RunResult:
     """Execute ``spec`` end to end and return the results (also written under ``spec.out``)."""
     t0 = time.time()
+    world, spec = _join_world(spec)  # one process, or one rank of torchrun / accelerate / srun torchrun
     method_name = METHODS.canonical(spec.method)
     dataset_name = DATASETS.canonical(spec.dataset)
     m_over, h_over = split_overrides(spec.overrides)
@@ -637,9 +643,13 @@ def run(spec: RunSpec) -> RunResult:
         from wsolbench.zoo import zoo_fingerprint
 
         resolved["zoo"] = zoo_fingerprint(tiny_zoo)
+    if spec.amp is not None:  # mixed precision changes the numbers: another run
+        resolved["amp"] = spec.amp
     run_id = spec.run_id or _run_id(resolved)
     run_dir = Path(spec.out) / run_id
-    _prepare_run_dir(run_dir, resolved, spec.resume)
+    if world.is_main:
+        _prepare_run_dir(run_dir, resolved, spec.resume)
+    barrier()
 
     _seed(int(hcfg["seed"]))
     method = _build_method(method_name, cfg, dataset, spec, hcfg, run_dir)
@@ -647,9 +657,12 @@ def run(spec: RunSpec) -> RunResult:
     evaluator = evaluator_class(task, protocol)(hcfg, dataset, method, protocol)
     policies = _protocol_policies(protocol, spec, hcfg, method, run_dir, task)
     evaluator.maps_dir = run_dir / MAPS_DIR
-    skipped = _evaluate(evaluator, dataset, run_dir / "cache", hcfg, spec.progress, f"{method_name}/{dataset_name}")
+    t_eval = time.time()
+    skipped = _evaluate(evaluator, dataset, run_dir / "cache", hcfg, _eval_options(spec), f"{method_name}/{dataset_name}")
+    eval_time = time.time() - t_eval
     results = evaluator.compute(_policy_map(policies, evaluator))
-    finish_records(run_dir, evaluator, _policy_map(policies, evaluator))  # records at the chosen τ, curves.json
+    if world.is_main:
+        finish_records(run_dir, evaluator, _policy_map(policies, evaluator))  # records at the chosen τ, curves.json
     record = {
         "run_id": run_id, "method": method_name, "dataset": dataset_name, "dataset_key": dataset_key,
         "split": spec.split, "profile": spec.profile, "task": task, "n_images": len(dataset) - len(skipped),
@@ -665,8 +678,15 @@ def run(spec: RunSpec) -> RunResult:
         # with 2 threads and 47.0 with 1, so a run records what it ran with
         "device": spec.device, "torch_threads": _torch_threads(),
         "checkpoint_load": load_record(method),  # what a --checkpoint FILE gave the model (LoadReport)
+        "eval_time_s": round(eval_time, 3), "eval_images_per_s": round(len(dataset) / max(eval_time, 1e-9), 2),
+        "parallel": describe_parallel(world, workers=_eval_options(spec).workers, amp=spec.amp,
+                                      trained=training_mode(method_name, world)
+                                      if get_method_class(method_name).needs_training and spec.checkpoint is None
+                                      else None),
     }
-    write_json(run_dir / "metrics.json", record)
+    if world.is_main:  # every rank holds the same merged results; one writes them
+        write_json(run_dir / "metrics.json", record)
+    barrier()
     return RunResult(run_dir=run_dir, results=results, record=record)
 
 
@@ -815,8 +835,8 @@ def _build_method(name: str, cfg: dict, dataset: Any, spec: RunSpec, hcfg: dict,
                 val = _open_dataset(DATASETS.canonical(spec.dataset), "val", spec.data_root, hcfg)
             except HarnessError:
                 val = None
-        method.fit(train, val_data=val, out_dir=run_dir / "train", resume=spec.resume, progress=spec.progress)
-        method.save(ckpt)
+        method = fit_and_save(name, method, train, val, out_dir=run_dir / "train", checkpoint=ckpt,
+                              resume=spec.resume, progress=spec.progress)  # data-parallel under torchrun
     return method
 
 
@@ -825,42 +845,60 @@ def _batches(n: int, size: int) -> Iterable[tuple[int, int]]:
         yield start, min(n, start + size)
 
 
-def _evaluate(evaluator: _Evaluator, dataset: Any, cache: Path, hcfg: dict, progress: bool, desc: str) -> list:
-    """Score every fixed batch of ``dataset``, reusing finished shards in ``cache``; return skipped images."""
-    from tqdm.auto import tqdm
+def _evaluate(evaluator: _Evaluator, dataset: Any, cache: Path, hcfg: dict, opts: EvalOptions, desc: str) -> list:
+    """Score every fixed batch of ``dataset``, reusing finished shards in ``cache``; return skipped images.
 
-    from wsolbench.datasets.base import DatasetError
-
-    cache.mkdir(parents=True, exist_ok=True)
-    bs = int(hcfg["batch_size"])
-    spans = list(_batches(len(dataset), bs))
+    Under several processes each rank scores its share of the batches (``World.share``) into shards; after a
+    barrier every rank merges all shards in batch order, so every rank ends with the single-process sums."""
+    world = current_world()
+    if world.is_main:
+        cache.mkdir(parents=True, exist_ok=True)
+    barrier()
+    spans = list(_batches(len(dataset), int(hcfg["batch_size"])))
+    shards = [cache / f"batch-{start:08d}.npz" for start, _ in spans]
+    todo = [j for j in world.share(len(spans)) if not shards[j].exists()]
+    fresh: dict[int, tuple[dict, list, list]] = {}
+    for k, result in scored_batches(evaluator, dataset, [spans[j] for j in todo], hcfg["on_error"], opts, desc):
+        j = todo[k]
+        _write_shard(shards[j], _span_ids(dataset, spans[j]), *result)
+        fresh[j] = result
+    barrier()  # every shard is on disk
     skipped: list[dict] = []
-    per_image = cache.parent / "per_image.jsonl"
     records_all: list[dict] = []
-    bar = tqdm(spans, desc=desc, unit="batch", disable=not progress, leave=False)
-    for start, stop in bar:
-        samples = [dataset[i] for i in range(start, stop)]
-        shard = cache / f"batch-{start:08d}.npz"
-        ids = [s.image_id for s in samples]
-        if shard.exists():
-            batch_metrics, records, skip = _read_shard(shard, ids, evaluator)
-        else:
-            images, keep, skip = [], [], []
-            for s in samples:
-                try:
-                    images.append(s.load_image())
-                    keep.append(s)
-                except DatasetError as exc:
-                    if hcfg["on_error"] != "skip":
-                        raise HarnessError(f"{exc} (use --on-error skip to count and skip such images)") from exc
-                    skip.append({"image_id": s.image_id, "path": str(s.image_path), "reason": str(exc)})
-            batch_metrics, records = evaluator.process(keep, images) if keep else ({}, [])
-            _write_shard(shard, ids, batch_metrics, records, skip)
+    for j, span in enumerate(spans):
+        batch_metrics, records, skip = fresh.pop(j) if j in fresh else \
+            _read_shard(shards[j], _span_ids(dataset, span), evaluator)
         evaluator.absorb(batch_metrics)
         records_all.extend(records)
         skipped.extend(skip)
-    write_text(per_image, "".join(json.dumps(r, default=_json_scalar) + "\n" for r in records_all))
+    if world.is_main:
+        write_text(cache.parent / "per_image.jsonl",
+                   "".join(json.dumps(r, default=_json_scalar) + "\n" for r in records_all))
     return skipped
+
+
+def _span_ids(dataset: Any, span: tuple[int, int]) -> list[str]:
+    return [dataset[i].image_id for i in range(*span)]
+
+
+def _join_world(spec: RunSpec) -> tuple[World, RunSpec]:
+    """Join the launcher's process group (if any); a bare ``cuda`` device becomes this rank's GPU."""
+    from dataclasses import replace
+
+    check_amp(spec.amp)
+    try:
+        world = init_world(spec.device)
+    except DistributedError as exc:
+        raise HarnessError(str(exc)) from exc
+    return world, replace(spec, device=rank_device(spec.device, world))
+
+
+def _eval_options(spec: RunSpec) -> EvalOptions:
+    workers = spec.workers if spec.workers is not None else default_workers(current_world())
+    if workers < 0:
+        raise HarnessError(f"--workers must be 0 or more, got {workers}")
+    return EvalOptions(workers=workers, amp=spec.amp, device=spec.device,
+                       progress=spec.progress and current_world().is_main)
 
 
 def _json_scalar(x: Any) -> Any:
@@ -910,7 +948,7 @@ def _val_policies(spec: RunSpec, hcfg: dict, method: Any, run_dir: Path, task: s
         raise HarnessError("threshold_policy 'val' chooses τ on the val split; evaluate a different split")
     val = _open_dataset(DATASETS.canonical(spec.dataset), "val", spec.data_root, hcfg)
     evaluator = EVALUATORS[task](hcfg, val, method, protocol)
-    _evaluate(evaluator, val, run_dir / "val_cache", hcfg, spec.progress, "val (choosing τ)")
+    _evaluate(evaluator, val, run_dir / "val_cache", hcfg, _eval_options(spec), "val (choosing τ)")
     return {variant: {name: ThresholdPolicy.from_val(m) for name, m in mets.items() if hasattr(m, "thresholds")}
             for variant, mets in evaluator.metrics.items()}
 

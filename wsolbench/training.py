@@ -1,6 +1,6 @@
 """Shared training infrastructure: seeding, a Sample→tensor dataset, deterministic loaders and a resumable loop.
 
-Every trainable method (CAM, GenPromp, MMCST, TeD-Loc, WWbL) trains through ``TrainLoop``:
+The trainable methods CAM, MMCST, TeD-Loc and WWbL train through ``TrainLoop``:
 
     loop = TrainLoop(out_dir, epochs=10, modules={"model": net}, optimizer=opt, scheduler=sched)
     history = loop.run(lambda epoch: make_loader(ds, tf, batch_size=32, shuffle=True, seed=0, epoch=epoch),
@@ -15,6 +15,10 @@ data order: use ``make_loader``, whose order depends only on ``seed + epoch``).
 
 Modules passed in ``modules`` are checkpointed and put in train mode each epoch; keep frozen encoders out of
 it (and in eval mode) yourself.
+
+Several processes (``torchrun``): inside ``wsolbench.distributed.data_parallel()`` each rank loads its slice
+of every global batch and the loop averages gradients over the ranks after ``backward`` (see
+``wsolbench/distributed.py``); rank 0 writes the checkpoints. GenPromp trains outside ``TrainLoop``.
 """
 from __future__ import annotations
 
@@ -158,13 +162,35 @@ class SampleImageDataset(Dataset):
 
 
 class EpochDataLoader(DataLoader):
-    """A DataLoader whose shuffling (and worker seeds) depend only on ``seed + epoch`` (see ``set_epoch``)."""
+    """A DataLoader whose shuffling (and worker seeds) depend only on ``seed + epoch`` (see ``set_epoch``).
 
-    def __init__(self, *args, seed: int = 0, **kwargs) -> None:
+    Under ``distributed.data_parallel()`` with several ranks, rank r gets its slice of each of the batches one
+    process would see (same order: the same sampler draws from the same generator), so the global batch and
+    its samples do not depend on the number of processes.
+    """
+
+    def __init__(self, dataset, *, batch_size: int = 1, shuffle: bool = False, drop_last: bool = False,
+                 seed: int = 0, **kwargs) -> None:
+        from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
+
+        from .distributed import RankBatches, training_world
+
         generator = torch.Generator()
-        super().__init__(*args, generator=generator, **kwargs)
+        world = training_world()
+        if world.parallel:
+            if batch_size < world.size:
+                raise ValueError(f"a batch of {batch_size} cannot be split over {world.size} processes; raise "
+                                 f"the training batch size to at least {world.size}")
+            order = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+            batches = RankBatches(BatchSampler(order, batch_size, drop_last), world.rank, world.size)
+            super().__init__(dataset, batch_sampler=batches, generator=generator, **kwargs)
+        else:
+            super().__init__(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                             generator=generator, **kwargs)
         self.seed = int(seed)
         self.epoch = 0
+        self.global_batch_size = int(batch_size)
+        self.world_size = world.size
 
     def set_epoch(self, epoch: int) -> None:
         """Iterate in ``epoch``'s order from now on (idempotent: the same epoch always gives the same order)."""
@@ -183,7 +209,8 @@ def make_loader(dataset, transform, *, batch_size: int, shuffle: bool, seed: int
     """A deterministic loader over a ``WSOLDataset`` (or an already-wrapped torch Dataset).
 
     The sample order of epoch e depends only on ``seed + e``; build one per epoch (``epoch=e``) or call
-    ``loader.set_epoch(e)`` (``TrainLoop`` does so when the loader has it).
+    ``loader.set_epoch(e)`` (``TrainLoop`` does so when the loader has it). ``batch_size`` is the global batch:
+    under ``distributed.data_parallel()`` each rank loads its share of it.
     """
     ds = dataset if isinstance(dataset, Dataset) else SampleImageDataset(dataset, transform, target, num_classes)
     loader = EpochDataLoader(ds, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
@@ -239,12 +266,19 @@ class TrainLoop:
         }
 
     def save_checkpoint(self, epochs_done: int) -> Path | None:
+        """Write the checkpoint atomically (rank 0 only when data-parallel; every rank waits until it is on disk)."""
         path = self.checkpoint_path
         if path is None:
             return None
-        with atomic_path(path) as tmp:
-            torch.save(self.state(epochs_done), tmp)
-        write_json(self.out_dir / HISTORY_NAME, self.history)
+        from .distributed import barrier, training_world
+
+        world = training_world()
+        if world.is_main:
+            with atomic_path(path) as tmp:
+                torch.save(self.state(epochs_done), tmp)
+            write_json(self.out_dir / HISTORY_NAME, self.history)
+        if world.parallel:
+            barrier()
         return path
 
     def load_checkpoint(self, path: str | Path | None = None) -> int:
@@ -276,6 +310,10 @@ class TrainLoop:
             log.info("resuming %s from %s after epoch %d", self.desc, path, start)
         elif resume:
             log.info("resume requested but no checkpoint at %s; training from scratch", path)
+        if self._world.parallel:  # every rank starts from rank 0's weights, as DDP does at construction
+            from .distributed import broadcast_from_main
+
+            broadcast_from_main(t for m in self.modules.values() for t in (*m.parameters(), *m.buffers()))
         for epoch in range(start, self.epochs):
             record = self._run_epoch(epoch, make_epoch_loader(epoch), step)
             if self.scheduler is not None and self.scheduler_interval == "epoch":
@@ -301,13 +339,18 @@ class TrainLoop:
             pass
         if self.max_steps_per_epoch is not None and total is not None:
             total = min(total, self.max_steps_per_epoch)
+        world = self._world
         bar = _progress(loader, total=total, desc=f"{self.desc} {epoch + 1}/{self.epochs}",
-                        enabled=self.progress)
+                        enabled=self.progress and world.is_main)
+        if world.parallel:
+            from .distributed import average_gradients, broadcast_from_main, sum_over_ranks
         try:
             for i, batch in enumerate(bar):
                 if self.max_steps_per_epoch is not None and i >= self.max_steps_per_epoch:
                     break
                 self.optimizer.zero_grad(set_to_none=True)
+                if world.parallel:  # rank 0's buffers (BN statistics) before each forward, as DDP does
+                    broadcast_from_main(b for m in self.modules.values() for b in m.buffers())
                 losses = step(batch)
                 if "loss" not in losses:
                     raise KeyError(f"the step function must return a dict with a 'loss' entry, got {list(losses)}")
@@ -316,6 +359,8 @@ class TrainLoop:
                     raise FloatingPointError(f"{self.desc}: non-finite loss {loss.item()} at epoch {epoch + 1}, "
                                              f"step {i + 1}; lower the learning rate or check the inputs")
                 loss.backward()
+                if world.parallel:
+                    average_gradients(p for group in self.optimizer.param_groups for p in group["params"])
                 if self.grad_clip is not None:
                     params = [p for group in self.optimizer.param_groups for p in group["params"]]
                     torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
@@ -334,9 +379,20 @@ class TrainLoop:
         if count == 0:
             raise ValueError(f"{self.desc}: epoch {epoch + 1} saw no batches (empty dataset or drop_last with "
                              "fewer samples than one batch)")
-        record = {"epoch": epoch + 1, **{k: v / count for k, v in sums.items()}, "steps": count,
+        terms = count
+        if world.parallel:  # the epoch's means over the global batches (the mean of the ranks' means)
+            sums, terms = sum_over_ranks(sums, count)
+        record = {"epoch": epoch + 1, **{k: v / terms for k, v in sums.items()}, "steps": count,
                   "lr": float(self.optimizer.param_groups[0]["lr"]), "time_s": round(time.time() - t0, 3)}
+        if world.parallel:
+            record.update(world_size=world.size, global_batch=getattr(loader, "global_batch_size", None))
         return record
+
+    @property
+    def _world(self):
+        from .distributed import training_world
+
+        return training_world()
 
 
 def load_checkpoint(path: str | Path) -> dict:
