@@ -20,6 +20,7 @@ class Task(str, enum.Enum):
     MASKS = "masks"  # PxAP, pIoU (binary FG mask + ignore mask)
     DENSE = "dense"  # mIoU over a class label map (255 = ignore), pointing game
     PHRASES = "phrases"  # phrase grounding: pointing accuracy, grounding box accuracy
+    POINTING = "pointing"  # TorchRay pointing game: a class's boxes / masks (VOC 2007 test, COCO 2014 val)
 
 
 class DatasetError(ValueError):

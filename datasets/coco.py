@@ -82,7 +82,7 @@ class COCO2014(WSOLDataset):
 
     default_subdir: ClassVar[str] = "COCO"
     default_subdirs: ClassVar[tuple[str, ...]] = ("COCO", "coco", "coco2014", "MSCOCO")
-    tasks: ClassVar[frozenset[Task]] = frozenset({Task.DENSE})
+    tasks: ClassVar[frozenset[Task]] = frozenset({Task.DENSE, Task.POINTING})  # pointing: --protocol torchray-pointing
     splits: ClassVar[tuple[str, ...]] = ("train", "val")
     canonical_counts: ClassVar[dict[str, int]] = {"train": 82783, "val": 40504}
     multi_label: ClassVar[bool] = True
@@ -136,6 +136,10 @@ class COCO2014(WSOLDataset):
                 meta={"coco_id": img_id, "ann_ids": [a["id"] for a in anns],
                       "iscrowd": np.asarray([bool(a.get("iscrowd", 0)) for a in anns], bool)}))
         self.samples = samples
+        from .voc import find_ebp_flags  # TorchRay's EBP "difficult" subset (pointing game), when beside the data
+
+        self.difficult_flags, self.difficult_file = find_ebp_flags(
+            [self.root, self.root / "annotations"], ("pointing_game_ebp_coco_difficult.txt",), len(self.class_names))
 
     def class_mask(self, sample: Sample, class_index: int, include_crowd: bool = True) -> np.ndarray:
         """Union of the class's instance masks in ``sample`` (original resolution), for the pointing game."""

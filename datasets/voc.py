@@ -1,4 +1,4 @@
-"""PASCAL VOC 2012 for dense localization (mIoU of class maps) and the pointing game.
+"""PASCAL VOC 2012 for dense localization (mIoU of class maps), and VOC 2007 for the TorchRay pointing game.
 
 Layout (``root`` may be the VOC2012 folder, VOCdevkit, or the folder holding VOCdevkit)::
 
@@ -21,6 +21,12 @@ overrides). Boxes from the XMLs are shifted to 0-based (x − 1), ``difficult`` 
 
 Non-standard class sets (e.g. the synthetic world) put their names, one per line, in
 ``VOC2012/class_names.txt``; otherwise the 20 VOC classes are used.
+
+VOC 2007 (``voc07``, the pointing game's VOC07 test: 4,952 images) is read by the same code from
+``VOCdevkit/VOC2007/{JPEGImages, Annotations, ImageSets/Main/<split>.txt}``: image labels and boxes from
+the XMLs (every object, with its ``difficult`` flag). The EBP "difficult" subset is read from
+``pointing_game_ebp_voc07_difficult.txt`` (TorchRay's file: image id + 20 tab-separated 0/1 flags) in the
+dataset root, VOC2007 folder or its parent; ``difficult_flags`` is None when it is not there.
 """
 from __future__ import annotations
 
@@ -39,6 +45,24 @@ VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "
                "tvmonitor")
 LAYOUT_HELP = ("VOCdevkit/VOC2012/{JPEGImages, SegmentationClass, SegmentationClassAug, Annotations, "
                "ImageSets/Segmentation/<split>.txt}")
+LAYOUT_HELP_07 = "VOCdevkit/VOC2007/{JPEGImages, Annotations, ImageSets/Main/<split>.txt}"
+
+
+def read_ebp_flags(path: Path, num_classes: int) -> dict[str, tuple[bool, ...]]:
+    """TorchRay's EBP "difficult" subset file: per line an image name and one 0/1 flag per class."""
+    flags: dict[str, tuple[bool, ...]] = {}
+    for lineno, line in read_text_lines(path, "EBP difficult-flag file"):
+        parts = line.split()
+        if len(parts) != num_classes + 1 or any(p not in ("0", "1") for p in parts[1:]):
+            raise DatasetError(f"{path}:{lineno}: expected an image name and {num_classes} 0/1 flags, got {line!r}")
+        flags[parts[0]] = tuple(p == "1" for p in parts[1:])
+    return flags
+
+
+def find_ebp_flags(dirs: list[Path], names: tuple[str, ...], num_classes: int) -> tuple[dict | None, Path | None]:
+    """(flags, path) of the first EBP flag file named ``names`` in ``dirs``, or (None, None)."""
+    path = first_existing([d / n for d in dirs for n in names])
+    return (read_ebp_flags(path, num_classes), path) if path is not None else (None, None)
 
 
 def voc_palette() -> list[int]:
@@ -89,7 +113,7 @@ class VOC2012(WSOLDataset):
 
     default_subdir: ClassVar[str] = "VOCdevkit/VOC2012"
     default_subdirs: ClassVar[tuple[str, ...]] = ("VOCdevkit/VOC2012", "VOC2012", "VOCdevkit", "voc")
-    tasks: ClassVar[frozenset[Task]] = frozenset({Task.DENSE})
+    tasks: ClassVar[frozenset[Task]] = frozenset({Task.DENSE, Task.POINTING})  # pointing: --protocol torchray-pointing
     splits: ClassVar[tuple[str, ...]] = ("train", "val", "trainval", "train_aug", "test")
     canonical_counts: ClassVar[dict[str, int]] = {"train": 1464, "val": 1449, "trainval": 2913,
                                                   "train_aug": 10582, "test": 1456}
@@ -98,11 +122,16 @@ class VOC2012(WSOLDataset):
     config_key: ClassVar[str] = "voc"
     eval_split: ClassVar[str] = "train"  # the dense-localization benchmark reports mIoU on train (1,464)
     class_names_default: ClassVar[tuple[str, ...]] = VOC_CLASSES
+    year_dir: ClassVar[str] = "VOC2012"
+    imagesets: ClassVar[tuple[str, ...]] = ("Segmentation",)  # ImageSets/<x>/<split>.txt, first found
+    list_subdir: ClassVar[str] = "voc12"  # MCTformer/IRN-style split lists + cls_labels.npy
+    layout_help: ClassVar[str] = LAYOUT_HELP
+    ebp_files: ClassVar[tuple[str, ...]] = ()  # TorchRay "difficult" subset flag files (VOC 2007)
 
     def __init__(self, root: str | Path | None = None, split: str = "train", *,
                  list_dir: str | Path | None = None, cls_labels: str | Path | None = None,
                  label_dir: str | Path | None = None, load_boxes: bool = True, on_error: str = "fail") -> None:
-        root = resolve_root(type(self), root, LAYOUT_HELP)
+        root = resolve_root(type(self), root, self.layout_help)
         super().__init__(root, split, on_error=on_error)
         self.outer_root = self.root
         self.root = self._find_voc_root(self.root)
@@ -111,10 +140,10 @@ class VOC2012(WSOLDataset):
         self.class_names = ([line.strip() for _, line in read_text_lines(names_file)] if names_file.is_file()
                             else list(self.class_names_default))
         # split list
-        list_dirs = ([Path(list_dir)] if list_dir else []) + [self.outer_root / "voc12", r / "voc12",
-                                                              r.parent.parent / "voc12"]
+        sub = self.list_subdir
+        list_dirs = ([Path(list_dir)] if list_dir else []) + [self.outer_root / sub, r / sub, r.parent.parent / sub]
         cands = [d / f"{split}_id.txt" for d in list_dirs] + [d / f"{split}.txt" for d in list_dirs] + \
-            [r / "ImageSets" / "Segmentation" / f"{split}.txt"]
+            [r / "ImageSets" / kind / f"{split}.txt" for kind in self.imagesets]
         list_path = first_existing(cands)
         if list_path is None:
             raise DatasetError(f"voc: split list for {split!r} not found; looked for {describe_candidates(cands)}")
@@ -185,14 +214,17 @@ class VOC2012(WSOLDataset):
                                    f"label map in {describe_candidates(label_dirs) or r / 'SegmentationClass'}")
             samples.append(s)
         self.samples = samples
+        self.difficult_flags, self.difficult_file = find_ebp_flags(
+            list(dict.fromkeys([self.outer_root, r, r.parent])), self.ebp_files, k)
 
-    @staticmethod
-    def _find_voc_root(root: Path) -> Path:
-        for c in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"):
+    @classmethod
+    def _find_voc_root(cls, root: Path) -> Path:
+        year = cls.year_dir
+        for c in (root, root / year, root / "VOCdevkit" / year):
             if (c / "JPEGImages").is_dir() or (c / "ImageSets").is_dir():
                 return c
-        raise DatasetError(f"voc: no VOC2012 folder under {root}; expected {LAYOUT_HELP} (looked in {root}, "
-                           f"{root / 'VOC2012'}, {root / 'VOCdevkit' / 'VOC2012'})")
+        raise DatasetError(f"voc: no {year} folder under {root}; expected {cls.layout_help} (looked in {root}, "
+                           f"{root / year}, {root / 'VOCdevkit' / year})")
 
     def check(self, verify: bool = False) -> list[str]:
         problems = super().check(verify)
@@ -202,6 +234,28 @@ class VOC2012(WSOLDataset):
             problems.append(f"voc/{self.split}: {len(no_map)} image(s) without a label map in "
                             f"SegmentationClass/SegmentationClassAug, e.g. {example}")
         return problems
+
+
+@register_dataset("voc07", aliases=("voc2007",))
+class VOC2007(VOC2012):
+    """PASCAL VOC 2007 (detection splits) for the TorchRay pointing game: boxes with difficult flags."""
+
+    default_subdir: ClassVar[str] = "VOCdevkit/VOC2007"
+    default_subdirs: ClassVar[tuple[str, ...]] = ("VOCdevkit/VOC2007", "VOC2007", "VOCdevkit", "voc07")
+    tasks: ClassVar[frozenset[Task]] = frozenset({Task.POINTING})
+    splits: ClassVar[tuple[str, ...]] = ("train", "val", "trainval", "test")
+    canonical_counts: ClassVar[dict[str, int]] = {"train": 2501, "val": 2510, "trainval": 5011, "test": 4952}
+    optional_splits: ClassVar[tuple[str, ...]] = ()
+    config_key: ClassVar[str] = "voc07"
+    eval_split: ClassVar[str] = "test"  # the pointing game's VOC07 test
+    year_dir: ClassVar[str] = "VOC2007"
+    imagesets: ClassVar[tuple[str, ...]] = ("Main", "Segmentation")
+    list_subdir: ClassVar[str] = "voc07"
+    layout_help: ClassVar[str] = LAYOUT_HELP_07
+    ebp_files: ClassVar[tuple[str, ...]] = ("pointing_game_ebp_voc07_difficult.txt", "ebp_voc07_difficult.txt")
+
+    def check(self, verify: bool = False) -> list[str]:
+        return WSOLDataset.check(self, verify)  # no label maps expected in the detection splits
 
 
 @register_dataset("synthetic-voc")

@@ -164,6 +164,7 @@ DATASETS = Registry("dataset", "wsolbench.datasets", builtins={
     "synthetic-coco": "wsolbench.datasets.coco:SyntheticCOCO",
     "synthetic-flickr30k": "wsolbench.datasets.flickr30k:SyntheticFlickr30k",
 }, builtin_aliases={"ilsvrc": ("imagenet",), "openimages": ("openimages30k",), "voc": ("voc12", "voc2012"),
+                    "voc07": ("voc2007",),
                     "coco": ("coco14", "coco2014"), "flickr30k": ("flickr30k-entities", "flickr30k_entities")})
 
 
