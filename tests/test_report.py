@@ -119,3 +119,22 @@ def test_index_renders_in_headless_chromium_without_console_errors(runs, tmp_pat
     assert arr.shape[:2] == (1800, 1280)
     assert arr.std() > 20 and len(np.unique(arr.reshape(-1, 3), axis=0)) > 1000  # text, tables and figures
     assert re.search(r"\bwsolbench report\b", index.read_text())
+
+
+def test_demo_ends_with_a_report_of_its_runs(runs, tmp_path, monkeypatch, capsys):
+    """`wsolbench demo` writes one compared report per dataset and says where (runs cut to 6 images; the
+    ``runs`` fixture's environment, so the synthetic set is not generated again)."""
+    from dataclasses import replace
+
+    from wsolbench import demo, harness
+
+    real = harness.run
+    monkeypatch.setattr(harness, "run", lambda spec: real(replace(spec, limit=6, progress=False)))
+    demo.run_demo(out=tmp_path / "runs", leaderboard_dir=tmp_path / "lb", methods=["center", "random"],
+                  datasets=("synthetic-cub",))
+    top = tmp_path / "runs" / "report" / "index.html"
+    assert f"report (maps on the worst-localised images, curves) written to {top}" in capsys.readouterr().out
+    assert _links(top) == ["synthetic-cub/index.html"]
+    sub = top.parent / "synthetic-cub" / "index.html"
+    assert "center / synthetic-cub vs random / synthetic-cub" in sub.read_text()
+    assert all((sub.parent / link).is_file() for link in _links(sub))

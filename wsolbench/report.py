@@ -204,13 +204,23 @@ def _provenance(run: Run) -> list[tuple[str, Any]]:
                       if isinstance(v, dict) and (v.get("box_rule") or v.get("metric")))
     return [("run", run.path.name), ("method", m.get("method")), ("dataset", f"{m.get('dataset')} ({m.get('split')})"),
             ("profile", m.get("profile")), ("task", m.get("task")),
-            ("protocol", m.get("protocol") or f"threshold policy {m.get('threshold_policy')}"),
+            ("protocol", _protocol_line(m)),
             ("metrics", rules), ("map preparation", m.get("map_preparation")),
             ("images", f"{m.get('n_images')} scored, {m.get('skipped', {}).get('count', 0)} skipped"),
             ("eval size", m.get("eval_size")), ("seed", m.get("seed")), ("git", m.get("git")),
             ("device", f"{m.get('device')}, {m.get('torch_threads')} torch threads"),
             ("versions", ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items())),
             ("wall time", f"{m.get('wall_time_s')} s")]
+
+
+def _protocol_line(m: dict) -> str:
+    """The scoring protocol in one line: its name (``*`` when overridden), τ policy, box rule, IoU test."""
+    p = m.get("protocol")
+    if not isinstance(p, dict):  # a run from before named protocols
+        return f"{p or 'unnamed'}; threshold policy {m.get('threshold_policy')}"
+    parts = [m.get("protocol_label") or p.get("name"), f"τ: {p.get('threshold')}", f"map {p.get('map_size')} px",
+             f"box: {p.get('box_rule')}", f"IoU: {p.get('iou')}"]
+    return "; ".join(str(x) for x in parts if x)
 
 
 def _shown_rows(run: Run, keys: Sequence[str], variant: str) -> list[list[Any]]:
@@ -246,6 +256,9 @@ def _html(runs: Sequence[Run], keys: Sequence[str], variant: str, grids: Sequenc
         parts.append("<div class='cols'><div>" + _table(scalars, ("metric", "value")) + "</div><div>"
                      + _table(_provenance(run), ("provenance", "")) + "</div></div>")
         parts.append(f"<details><summary>config.yaml</summary><pre>{e(run.config_text)}</pre></details>")
+        if isinstance(run.metrics.get("protocol"), dict):
+            parts.append(f"<details><summary>protocol</summary><pre>"
+                         f"{e(json.dumps(run.metrics['protocol'], indent=1, ensure_ascii=False))}</pre></details>")
         for r, name in curves:
             if r is run:
                 parts.append(f"<h3>Curves</h3><a href='{e(name)}'><img src='{e(name)}' alt='curves of {e(run.name)}'></a>")
