@@ -55,10 +55,11 @@ def check_amp(amp: str | None) -> str | None:
 class SpanImages:
     """A torch map-style dataset whose item j is the decoded images of batch ``spans[j]`` of ``dataset``:
     ``(kept positions, images, load errors)``; errors are returned, not raised, so the main process applies
-    the run's ``on_error`` policy with the loader's own one-line message."""
+    the run's ``on_error`` policy with the loader's own one-line message. ``as_tensors``: images as H×W×3
+    uint8 tensors, which cross from a worker process through shared memory instead of a pickle."""
 
-    def __init__(self, dataset: Any, spans: Sequence[tuple[int, int]]) -> None:
-        self.dataset, self.spans = dataset, list(spans)
+    def __init__(self, dataset: Any, spans: Sequence[tuple[int, int]], as_tensors: bool = False) -> None:
+        self.dataset, self.spans, self.as_tensors = dataset, list(spans), as_tensors
 
     def __len__(self) -> int:
         return len(self.spans)
@@ -70,11 +71,25 @@ class SpanImages:
         keep, images, errors = [], [], []
         for i in range(start, stop):
             try:
-                images.append(self.dataset[i].load_image())  # decoded here (the loader calls load())
+                image = self.dataset[i].load_image()  # decoded here (the loader calls load())
+                images.append(_to_tensor(image) if self.as_tensors else image)
                 keep.append(i)
             except DatasetError as exc:
                 errors.append((i, str(exc)))
         return keep, images, errors
+
+
+def _to_tensor(image: Any) -> Any:
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.array(image, dtype=np.uint8))
+
+
+def _to_pil(image: Any) -> Any:
+    from PIL import Image
+
+    return image if isinstance(image, Image.Image) else Image.fromarray(image.numpy(), "RGB")
 
 
 def _as_is(item: Any) -> Any:
@@ -91,7 +106,7 @@ def decoded_batches(dataset: Any, spans: Sequence[tuple[int, int]], workers: int
     """Decoded batches of ``spans`` in order, ``workers`` processes ahead (0: in this thread)."""
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(SpanImages(dataset, spans), batch_size=None, shuffle=False, num_workers=workers,
+    loader = DataLoader(SpanImages(dataset, spans, as_tensors=workers > 0), batch_size=None, shuffle=False, num_workers=workers,
                         collate_fn=_as_is, worker_init_fn=_worker_init if workers else None,
                         prefetch_factor=2 if workers else None, persistent_workers=False)
     return iter(loader)
@@ -157,6 +172,7 @@ def _finish(item: tuple[int, Future], bar: Any) -> tuple[int, tuple[dict, list, 
 
 def _process(evaluator: Any, dataset: Any, keep: list[int], images: list, skip: list) -> tuple[dict, list, list]:
     samples = [dataset[i] for i in keep]
+    images = [_to_pil(im) for im in images]  # the PIL images localize() has always received
     batch_metrics, records = evaluator.process(samples, images) if samples else ({}, [])
     return batch_metrics, records, skip
 
