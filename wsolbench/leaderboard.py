@@ -1,62 +1,74 @@
-"""Merge run results into per-dataset tables beside the numbers the papers report.
+"""Leaderboard tables that cannot mislead, built on ``wsolbench.results`` (one row per run × variant × metric).
 
-Measured rows come from ``runs/*/metrics.json`` (newest run wins per method/variant/dataset/split/profile);
-reported rows come from ``leaderboards/paper_numbers.csv``. Every row says which it is.
+- One table per (dataset, split, protocol). A measured row stands beside the papers' rows only there, so a
+  number is only ever next to one with the same dataset, split, metric (column) and protocol. A run whose
+  protocol was overridden has the protocol label ``name*`` and never meets a paper row.
+- Measured rows are keyed by method, variant, dataset, split, profile, protocol, limit and overrides; per key
+  the newest run wins, so a ``--limit`` or ``--set`` run is a row of its own (column ``run``) and never
+  replaces a full default run.
+- Synthetic-world tables never hold paper rows. The papers' numbers for the real dataset of the same format
+  follow in their own tables ("reported" only); with no measured run at all, every paper table is shown.
+
+Reported numbers come from ``paper_numbers.csv`` (package data, a copy of the reference table).
 """
 from __future__ import annotations
 
 import csv
-import json
+from importlib import resources
 from pathlib import Path
-from typing import Iterable
+from typing import Any
 
 from .io import write_text
+from .results import read_records, runs_frame
 
 COLUMNS = ("maxboxacc", "maxboxacc_v2", "gt_known_loc", "top1_loc", "top5_loc", "top1_cls", "pxap", "piou",
-           "miou", "pointing_game", "bbox_acc")
+           "miou", "miou_sweep_best", "pointing_game", "pointing_game_difficult", "bbox_acc")
 ARROW = {True: "↑", False: "↓"}
+ROW_COLUMNS = ["method", "split", "profile", "protocol", "run", "n", "policy", "source"]
 
 
 def default_paper_csv() -> Path:
-    """The shipped table of paper-reported numbers (a copy of the reference CSV)."""
-    return Path(__file__).resolve().parent.parent / "leaderboards" / "paper_numbers.csv"
+    """The shipped table of paper-reported numbers (package data ``wsolbench/leaderboards/paper_numbers.csv``)."""
+    return Path(str(resources.files("wsolbench.leaderboards") / "paper_numbers.csv"))
 
 
 def load_runs(runs_dir: str | Path) -> list[dict]:
-    """Every finished run's metrics.json under ``runs_dir`` (newest first per identical setting)."""
-    runs_dir = Path(runs_dir)
-    if not runs_dir.exists():
-        raise FileNotFoundError(f"runs directory not found: {runs_dir} (create runs with `wsolbench run`)")
-    records = []
-    for path in sorted(runs_dir.glob("*/metrics.json"), key=lambda p: p.stat().st_mtime, reverse=True):
-        try:
-            rec = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc}); delete the run or re-run it") from exc
-        rec["_path"] = str(path)
-        records.append(rec)
-    return records
+    """Every finished run's metrics.json under ``runs_dir``, newest first (``wsolbench.results.read_records``)."""
+    return read_records(runs_dir)
 
 
-def measured_rows(records: Iterable[dict]) -> list[dict]:
-    rows, seen = [], set()
-    for rec in records:
-        for variant, metrics in rec["results"].items():
-            key = (rec["method"], variant, rec["dataset"], rec["split"], rec["profile"])
-            if key in seen:
-                continue
-            seen.add(key)
-            name = rec["method"] if variant == "default" else f"{rec['method']}/{variant}"
-            row = {"dataset": rec["dataset"], "dataset_key": rec.get("dataset_key", rec["dataset"]),
-                   "method": name, "split": rec["split"], "profile": rec["profile"], "n": rec.get("n_images"),
-                   "policy": rec.get("threshold_policy", ""), "source": "measured"}
-            row.update({c: metrics.get(c) for c in COLUMNS})
-            rows.append(row)
-    return rows
+def _run_kind(row: Any) -> str:
+    parts = []
+    if row["limited"]:
+        parts.append(f"limit {int(row['limit'])}")
+    if row["overridden"]:
+        parts.append(f"overridden: {row['overrides'] or row['protocol']}")
+    return ", ".join(parts) or "full"
+
+
+def measured_rows(records: list[dict]) -> list[dict]:
+    """One row per (method, variant, dataset, split, profile, protocol, limit, overrides), the newest run's."""
+    frame = runs_frame(records)
+    frame = frame[frame["metric"].isin(COLUMNS)]
+    key = ["method", "variant", "dataset", "split", "profile", "protocol", "limit", "overrides"]
+    rows: dict[tuple, dict] = {}
+    for rec in frame.itertuples(index=False):
+        r = rec._asdict()
+        k = tuple("" if v is None else str(v) for v in (r[c] for c in key))
+        if k in rows and rows[k]["_run_id"] != r["run_id"]:
+            continue  # an older run of the same setting
+        row = rows.setdefault(k, {
+            "_run_id": r["run_id"], "dataset": r["dataset"], "dataset_key": r["dataset_key"],
+            "synthetic": bool(r["synthetic"]), "protocol": r["protocol"] or "(unrecorded)",
+            "method": r["method"] if r["variant"] == "default" else f"{r['method']}/{r['variant']}",
+            "split": r["split"], "profile": r["profile"], "run": _run_kind(r), "n": r["n_images"],
+            "policy": r["threshold_policy"], "source": "measured"})
+        row[r["metric"]] = r["value"]
+    return [{k: v for k, v in row.items() if k != "_run_id"} for row in rows.values()]
 
 
 def paper_rows(csv_path: str | Path | None = None) -> list[dict]:
-    """Reported numbers, one row per (method, variant, dataset, split, source)."""
+    """Reported numbers, one row per (method, variant, dataset, split, protocol, source)."""
     path = Path(csv_path) if csv_path else default_paper_csv()
     rows: dict[tuple, dict] = {}
     with open(path, newline="", encoding="utf-8") as fh:
@@ -64,35 +76,52 @@ def paper_rows(csv_path: str | Path | None = None) -> list[dict]:
             missing = [k for k in ("method", "dataset", "metric", "value") if not rec.get(k)]
             if missing:
                 raise ValueError(f"{path}:{line_no}: empty field(s) {', '.join(missing)}")
-            key = (rec["method"], rec.get("variant", ""), rec["dataset"], rec.get("split", ""), rec.get("source", ""))
-            row = rows.setdefault(key, {"dataset": rec["dataset"], "dataset_key": rec["dataset"],
-                                        "method": f"{rec['method']} ({rec['variant']})" if rec.get("variant")
-                                        else rec["method"], "split": rec.get("split", ""), "profile": "paper",
-                                        "n": None, "policy": "", "source": f"reported: {rec.get('source', '')}"})
-            if rec["metric"] in COLUMNS:
-                try:
-                    row[rec["metric"]] = float(rec["value"])
-                except ValueError as exc:
-                    raise ValueError(f"{path}:{line_no}: value {rec['value']!r} is not a number") from exc
-    return [r for r in rows.values() if any(r.get(c) is not None for c in COLUMNS)]
+            if rec["metric"] not in COLUMNS:
+                continue  # parameters, latency: not a localisation number
+            protocol = rec.get("protocol") or "(unrecorded)"
+            key = (rec["method"], rec.get("variant", ""), rec["dataset"], rec.get("split", ""), protocol,
+                   rec.get("source", ""))
+            row = rows.setdefault(key, {
+                "dataset": rec["dataset"], "dataset_key": rec["dataset"], "synthetic": False, "protocol": protocol,
+                "method": f"{rec['method']} ({rec['variant']})" if rec.get("variant") else rec["method"],
+                "split": rec.get("split", ""), "profile": "paper", "run": "", "n": None, "policy": "",
+                "source": f"reported: {rec.get('source', '')}"})
+            try:
+                row[rec["metric"]] = float(rec["value"])
+            except ValueError as exc:
+                raise ValueError(f"{path}:{line_no}: value {rec['value']!r} is not a number") from exc
+    return list(rows.values())
 
 
 def build_tables(records: list[dict], paper_csv: str | Path | None = None, with_paper: bool = True) -> dict:
-    """{table title: list of rows}: one table per measured dataset, followed by the papers' rows for its kind."""
+    """{table title: DataFrame}: a table per measured (dataset, split, protocol), with the papers' rows only where
+    all three match on real data; then the papers' tables for the real datasets measured (all, with no runs)."""
     import pandas as pd
 
     measured = measured_rows(records)
     reported = paper_rows(paper_csv) if with_paper else []
-    tables = {}
-    for dataset in sorted({r["dataset"] for r in measured}):
-        rows = [r for r in measured if r["dataset"] == dataset]
-        key = rows[0]["dataset_key"]
-        extra = [r for r in reported if r["dataset_key"] == key]
-        title = dataset if key == dataset else f"{dataset} ({key} format; paper rows are on the real {key})"
-        frame = pd.DataFrame(rows + extra)
-        cols = ["method", "split", "profile", "n", "policy", "source"] + [c for c in COLUMNS if frame.get(c) is not None and frame[c].notna().any()]
-        tables[title] = frame[cols]
+    tables: dict[str, Any] = {}
+    used: set[tuple] = set()
+    for key in sorted({(r["dataset"], r["split"], r["protocol"]) for r in measured}):
+        rows = [r for r in measured if (r["dataset"], r["split"], r["protocol"]) == key]
+        synthetic = rows[0]["synthetic"]
+        beside = [] if synthetic else [r for r in reported if (r["dataset"], r["split"], r["protocol"]) == key]
+        used.update({key} if beside else set())
+        note = " (synthetic world: no paper number applies)" if synthetic else ""
+        tables[f"{key[0]} · {key[1]} · protocol {key[2]}{note}"] = _frame(pd, rows + beside)
+    wanted = {r["dataset_key"] for r in measured}
+    for key in sorted({(r["dataset"], r["split"], r["protocol"]) for r in reported} - used):
+        if measured and key[0] not in wanted:
+            continue
+        rows = [r for r in reported if (r["dataset"], r["split"], r["protocol"]) == key]
+        tables[f"{key[0]} · {key[1]} · protocol {key[2]} (reported by the papers)"] = _frame(pd, rows)
     return tables
+
+
+def _frame(pd: Any, rows: list[dict]) -> Any:
+    frame = pd.DataFrame(rows)
+    metrics = [c for c in COLUMNS if c in frame.columns and frame[c].notna().any()]
+    return frame[ROW_COLUMNS + metrics]
 
 
 def render(tables: dict, fmt: str = "md") -> str:
@@ -105,8 +134,7 @@ def render(tables: dict, fmt: str = "md") -> str:
         if fmt == "md":
             # counts print as integers and missing cells stay empty (tabulate would print "nan")
             cells = frame.astype(object).where(frame.notna(), None)
-            if "n" in cells.columns:
-                cells["n"] = [("" if v is None else str(int(v))) for v in cells["n"]]
+            cells["n"] = [("" if v is None else str(int(v))) for v in cells["n"]]
             text_cols = [i for i, c in enumerate(cells.columns) if c == "n"]
             body = cells.to_markdown(index=False, floatfmt=".2f", missingval="", disable_numparse=text_cols)
             parts.append(f"### {title}\n\n{body}\n")
