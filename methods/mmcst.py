@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -59,13 +60,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wsolbench.checkpoint import CheckpointError
 from wsolbench.localizer import Capability, ImageMeta, InputError, Localizer, LocalizerOutput
 from wsolbench.registry import register_method
 
 log = logging.getLogger(__name__)
 
-MAP_VARIANTS = ("mm", "t2p", "c2p", "attn")
+MAP_VARIANTS = ("mm", "t2p", "c2p", "attn", "patchcam")
 TOKEN_SOURCES = ("input", "output", "fused")
+LOSS_TERMS = ("cls", "text_patch", "class_patch", "contrast", "patch_cam")  # loss.<term>: its weight
 # VOC's compound class names read better to a text encoder as words
 PROMPT_NAMES = {"aeroplane": "aeroplane", "diningtable": "dining table", "pottedplant": "potted plant",
                 "tvmonitor": "tv monitor", "motorbike": "motorbike"}
@@ -166,13 +169,31 @@ def contrastive_loss(text_feats: torch.Tensor, image_feats: torch.Tensor, temper
 
 
 def _interpolate_grid_pos(pos: torch.Tensor, old: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
-    """Patch position embeddings 1×(h·w)×D resized bicubically to a new grid."""
+    """Patch position embeddings 1×(h·w)×D resized bicubically to a new grid (adapting a checkpoint's grid)."""
     if tuple(old) == tuple(new):
         return pos
     d = pos.shape[-1]
     grid = pos.reshape(1, old[0], old[1], d).permute(0, 3, 1, 2)
     grid = F.interpolate(grid.float(), size=new, mode="bicubic", align_corners=False).to(pos.dtype)
     return grid.permute(0, 2, 3, 1).reshape(1, new[0] * new[1], d)
+
+
+def interpolate_pos_dino(pos: torch.Tensor, grid: tuple[int, int], new: tuple[int, int], square_input: bool
+                         ) -> torch.Tensor:
+    """Patch position embeddings 1×(h·w)×D for an input whose patch grid is ``new``, as MCTformer (after DINO).
+
+    Bicubic with ``scale_factor = (n + 0.1) / side`` per axis (the 0.1 keeps the output size's floor at n), not
+    ``size=``: the interpolation weights follow the scale factor, so the two differ. Unchanged only when the
+    grid matches and the input is square, as in MCTformer's ``interpolate_pos_encoding``.
+    """
+    if tuple(new) == tuple(grid) and square_input:
+        return pos
+    d = pos.shape[-1]
+    g = pos.reshape(1, grid[0], grid[1], d).permute(0, 3, 1, 2)
+    g = F.interpolate(g, scale_factor=((new[0] + 0.1) / grid[0], (new[1] + 0.1) / grid[1]), mode="bicubic")
+    if tuple(g.shape[-2:]) != tuple(new):
+        raise RuntimeError(f"position-embedding interpolation gave a {tuple(g.shape[-2:])} grid for {tuple(new)}")
+    return g.permute(0, 2, 3, 1).reshape(1, new[0] * new[1], d)
 
 
 # ============================================================================ the network
@@ -188,7 +209,8 @@ class MMCSTNet(nn.Module):
     def __init__(self, vit: nn.Module, num_classes: int, text_dim: int, clip_dim: int | None = None, *,
                  text_tokens: bool = True, class_patch: bool = True, mask_groups: bool = True,
                  token_source: str = "fused", lambda_init: float = 1.0, patch_proj: str = "conv3",
-                 final_norm: bool = False) -> None:
+                 final_norm: bool = False, patch_cam: bool = False, text_proj: str = "learned",
+                 text_scale: float = 1.0) -> None:
         super().__init__()
         for attr in ("patch_embed", "blocks", "cls_token", "pos_embed"):
             if getattr(vit, attr, None) is None:
@@ -223,9 +245,13 @@ class MMCSTNet(nn.Module):
         self.pos_embed = nn.Parameter(torch.cat([cls_pos.repeat(1, c, 1), pos[:, 1:]], dim=1).clone())
         self.text_dim = int(text_dim)
         self.clip_dim = int(clip_dim or text_dim)
-        self.register_buffer("text_embed", torch.zeros(c, self.text_dim))
+        self.text_scale = float(text_scale)
+        if text_proj not in ("learned", "frozen"):
+            raise ValueError(f"model.text_proj must be 'learned' or 'frozen', got {text_proj!r}")
         if self.use_text:
+            self.register_buffer("text_embed", torch.zeros(c, self.text_dim))
             self.text_proj = nn.Linear(self.text_dim, d) if self.text_dim != d else nn.Identity()
+            self.text_proj.requires_grad_(text_proj == "learned")
             self.text_pos_embed = nn.Parameter(cls_pos.repeat(1, c, 1).clone())
             self.lambda_text = nn.Parameter(torch.tensor(float(lambda_init)))
             self.contrast_proj = nn.Linear(d, self.clip_dim) if self.clip_dim != d else nn.Identity()
@@ -240,6 +266,18 @@ class MMCSTNet(nn.Module):
             nn.init.zeros_(self.patch_proj.bias)
         if self.use_c2p:
             self.lambda_cls = nn.Parameter(torch.tensor(float(lambda_init)))
+        self.use_patch_cam = bool(patch_cam)
+        if self.use_patch_cam:  # MCTformer-V2's class head: C class maps from the patch tokens (3x3 conv)
+            self.head = nn.Conv2d(d, c, kernel_size=3, padding=1)
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+
+    def new_parts(self) -> tuple[str, ...]:
+        """Names of the tensors a pretrained ViT does not have (initialised here, learned in training)."""
+        names = ("text_embed", "text_proj", "text_pos_embed", "lambda_text", "contrast_proj", "patch_proj",
+                 "lambda_cls", "head")
+        own = self.state_dict()
+        return tuple(n for n in names if any(k == n or k.startswith(n + ".") for k in own))
 
     # ---- sequence layout -------------------------------------------------------------------------------
     @property
@@ -252,8 +290,8 @@ class MMCSTNet(nn.Module):
         return group_attention_mask(self.num_classes, self.num_text, num_patches, device=device)
 
     def text_tokens_in(self) -> torch.Tensor:
-        """T_txt_in: the CLIP text embeddings in the ViT width (C×D)."""
-        return self.text_proj(self.text_embed)
+        """T_txt_in: the CLIP text embeddings (× ``text_scale``) in the ViT width (C×D)."""
+        return self.text_proj(self.text_embed * self.text_scale)
 
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         pe = self.patch_embed
@@ -262,7 +300,7 @@ class MMCSTNet(nn.Module):
         p = p.flatten(2).transpose(1, 2)
         p = getattr(pe, "norm", nn.Identity())(p)
         c = self.num_classes
-        patch_pos = _interpolate_grid_pos(self.pos_embed[:, c:], self.grid_size, (gh, gw))
+        patch_pos = interpolate_pos_dino(self.pos_embed[:, c:], self.grid_size, (gh, gw), x.shape[-1] == x.shape[-2])
         b = x.shape[0]
         parts = [self.cls_token.expand(b, -1, -1) + self.pos_embed[:, :c]]
         if self.use_text:
@@ -293,10 +331,15 @@ class MMCSTNet(nn.Module):
         c, ct = self.num_classes, self.num_text
         cls_out, txt_out, patch_out = tokens[:, :c], tokens[:, c:c + ct], tokens[:, c + ct:]
         out: dict[str, Any] = {"logits": cls_out.mean(-1), "cls_out": cls_out, "txt_out": txt_out if ct else None,
-                               "grid": (gh, gw), "attn": attns if need_attn else None, "t2p": None, "c2p": None}
+                               "grid": (gh, gw), "attn": attns if need_attn else None, "t2p": None, "c2p": None,
+                               "patchcam": None}
+        b, n, d = patch_out.shape
+        grid = patch_out.transpose(1, 2).reshape(b, d, gh, gw)
+        if self.use_patch_cam:  # MCTformer-V2: class maps and their average-pooled scores
+            out["patchcam"] = self.head(grid)
+            out["patch_logits"] = out["patchcam"].mean((-2, -1))
         if self.use_text or self.use_c2p:
-            b, n, d = patch_out.shape
-            fmap = self.patch_proj(patch_out.transpose(1, 2).reshape(b, d, gh, gw)).flatten(2).transpose(1, 2)
+            fmap = self.patch_proj(grid).flatten(2).transpose(1, 2)
             scale = d ** -0.5
             if self.use_text:
                 t_txt = self._fuse(self.text_tokens_in().unsqueeze(0), txt_out, self.lambda_text)
@@ -311,7 +354,7 @@ class MMCSTNet(nn.Module):
                weights: dict | None = None, pooling: str = "gwrp", decay: float = 0.996,
                temperature: float = 0.07) -> dict[str, torch.Tensor]:
         """L_total and its terms; ``target`` is B×C multi-hot; ``image_embed`` B×clip_dim (contrastive term)."""
-        w = {"cls": 1.0, "text_patch": 1.0, "class_patch": 1.0, "contrast": 1.0, **(weights or {})}
+        w = {**dict.fromkeys(LOSS_TERMS, 1.0), **(weights or {})}
         target = target.float()
         terms: dict[str, torch.Tensor] = {}
         if w["cls"]:
@@ -320,6 +363,8 @@ class MMCSTNet(nn.Module):
             terms["text_patch"] = F.multilabel_soft_margin_loss(pool_scores(out["t2p"], pooling, decay), target)
         if out.get("c2p") is not None and w["class_patch"]:
             terms["class_patch"] = F.multilabel_soft_margin_loss(pool_scores(out["c2p"], pooling, decay), target)
+        if out.get("patchcam") is not None and w["patch_cam"]:  # MCTformer-V2's patch-head loss
+            terms["patch_cam"] = F.multilabel_soft_margin_loss(out["patch_logits"], target)
         if out.get("txt_out") is not None and w["contrast"] and image_embed is not None:
             z = self.contrast_proj(out["txt_out"].mean(1))
             terms["contrast"] = contrastive_loss(z, image_embed.to(z.dtype), temperature)
@@ -330,8 +375,10 @@ class MMCSTNet(nn.Module):
 
     # ---- localization maps -----------------------------------------------------------------------------
     def maps(self, out: dict, variant: str = "mm", *, attn_layers: int = 3, fuse_attention: bool = True,
-             refine: bool = True) -> torch.Tensor:
-        """Raw localization maps B×C×h×w from a ``forward(..., need_attn=True)`` output."""
+             refine: bool = True, relu: bool = True) -> torch.Tensor:
+        """Raw localization maps B×C×h×w from a ``forward(..., need_attn=True)`` output.
+
+        ``patchcam`` with ``fuse_attention`` is MCTformer-V2's fused map (ReLU(head) × A_c2p)."""
         if variant not in MAP_VARIANTS:
             raise ValueError(f"infer.map must be one of {MAP_VARIANTS}, got {variant!r}")
         attns = out["attn"]
@@ -352,11 +399,11 @@ class MMCSTNet(nn.Module):
             base = out.get(variant)
             if base is None:
                 raise ValueError(f"map {variant!r} needs the corresponding head (model.text_tokens / "
-                                 "model.class_patch are off)")
+                                 "model.class_patch / model.patch_cam are off)")
         if base is None:
             m = a_c2p
         else:
-            m = F.relu(base.flatten(2))
+            m = F.relu(base.flatten(2)) if relu else base.flatten(2)
             if fuse_attention:
                 m = m * a_c2p
         if refine:
@@ -365,54 +412,107 @@ class MMCSTNet(nn.Module):
 
 
 # ============================================================================ state-dict adaptation
-def adapt_vit_state_dict(state: dict[str, torch.Tensor], net: MMCSTNet) -> dict[str, torch.Tensor]:
-    """A timm-ViT / MCTformer / MMCST state dict → one ``net.load_state_dict(strict=False)`` accepts.
+@dataclass
+class AdaptedState:
+    """A checkpoint's tensors renamed/reshaped for ``MMCSTNet``, with what was dropped or reshaped and why."""
 
-    Unwraps ``{'model': ...}`` and ``module.`` prefixes; a single class token (plain ViT) is repeated for the C
-    class tokens, with its position embedding; patch position embeddings are resized to the net's grid
-    (bicubic); tensors whose shapes cannot be used (e.g. a classifier ``head``) are dropped.
+    state: dict[str, torch.Tensor]
+    layout: str  # vit | mctformer-v1 | mctformer-v2 | mctformer-plus | mmcst
+    ignored: dict[str, str] = field(default_factory=dict)
+    adapted: dict[str, str] = field(default_factory=dict)
+
+
+def checkpoint_layout(state: dict[str, Any]) -> str:
+    """Which code wrote ``state`` (an unwrapped state dict), from its keys and shapes only."""
+    if "pos_embed_cls" in state and "pos_embed_pat" in state:
+        return "mctformer-plus"  # MCTformer+ (xulianuwa/MCTformer HEAD): class and patch position embeddings apart
+    if any(k in state for k in ("text_embed", "text_proj.weight", "patch_proj.weight", "lambda_cls")):
+        return "mmcst"
+    cls = state.get("cls_token")
+    if cls is None or cls.ndim != 3:
+        return "unknown"
+    if cls.shape[1] == 1:
+        return "vit"  # a plain ViT (timm / DeiT): one class token
+    head = state.get("head.weight")
+    return "mctformer-v2" if head is not None and head.ndim == 4 else "mctformer-v1"
+
+
+def _grid_side(n: int, where: str, name: str) -> int:
+    side = int(round(math.sqrt(n)))
+    if side * side != n:
+        raise CheckpointError(f"{where}: {name} holds {n} patch positions, not a square grid")
+    return side
+
+
+def adapt_vit_state_dict(state: dict[str, Any], net: MMCSTNet, where: str = "checkpoint") -> AdaptedState:
+    """A timm-ViT / MCTformer-V1, -V2, + / MMCST state dict → the tensors ``net`` holds, for ``load_exact``.
+
+    Unwraps ``{'model': ...}`` and ``module.`` prefixes. The class-token count comes from ``cls_token`` (never
+    guessed from ``pos_embed``'s length): one (a plain ViT) is repeated for the C class tokens with its position
+    embedding, as MCTformer initialises; MCTformer+'s trained ``pos_embed_cls``/``pos_embed_pat`` form the
+    position embeddings (its inherited ``pos_embed`` is never used by its forward); a patch grid other than the
+    net's is resized bicubically (recorded). Tensors the source model never uses are dropped with the reason
+    (a plain ViT's ImageNet classifier, MCTformer-V1's ``head``); everything else is left for ``load_exact`` to
+    match or refuse. Raises ``CheckpointError`` for class counts or layouts that cannot fit.
     """
-    if "model" in state and isinstance(state["model"], dict):
+    if isinstance(state.get("model"), dict):
         state = state["model"]
-    state = {(k[7:] if k.startswith("module.") else k): v for k, v in state.items()}
-    own = net.state_dict()
+    state = {(k[7:] if k.startswith("module.") else k): v for k, v in state.items() if torch.is_tensor(v)}
+    layout = checkpoint_layout(state)
+    if layout == "unknown":
+        raise CheckpointError(f"{where}: not a ViT/MCTformer/MMCST state dict (no cls_token [1,n,D]); keys "
+                              f"start {sorted(state)[:4]}")
     c = net.num_classes
-    out: dict[str, torch.Tensor] = {}
-    for k, v in state.items():
-        if not torch.is_tensor(v):
-            continue
-        if k == "cls_token":
-            if v.shape[1] not in (1, c):
-                log.warning("checkpoint has %d class tokens, the model %d: cls_token not loaded", v.shape[1], c)
-                continue
-            v = v[:, :1].repeat(1, c, 1) if v.shape[1] == 1 else v
-        elif k == "pos_embed":
-            n_grid = net.grid_size[0] * net.grid_size[1]
-            extra = None
-            for cand in (c, 1, 0):
-                rest = v.shape[1] - cand
-                side = int(round(math.sqrt(rest))) if rest > 0 else 0
-                if side * side == rest:
-                    extra = cand
-                    break
-            if extra is None:
-                log.warning("pos_embed of shape %s not understood; not loaded", tuple(v.shape))
-                continue
-            prefix, grid = v[:, :extra], v[:, extra:]
-            side = int(round(math.sqrt(grid.shape[1])))
+    res = AdaptedState(dict(state), layout)
+    out = res.state
+    if layout == "mmcst":
+        return res
+    n_cls = int(state["cls_token"].shape[1])
+    if n_cls not in (1, c):
+        raise CheckpointError(f"{where}: the file has {n_cls} class tokens ({layout}), the model {c} classes; "
+                              "load it with the dataset it was trained on")
+    if n_cls == 1:
+        out["cls_token"] = state["cls_token"].repeat(1, c, 1)
+        res.adapted["cls_token"] = f"the one class token repeated for {c} classes"
+    if layout == "mctformer-plus":
+        res.ignored["pos_embed"] = "MCTformer+ never uses pos_embed (it adds pos_embed_cls and pos_embed_pat)"
+        del out["pos_embed"]
+        prefix, grid = out.pop("pos_embed_cls"), out.pop("pos_embed_pat")
+        res.adapted["pos_embed"] = "pos_embed_cls and pos_embed_pat, concatenated"
+    elif "pos_embed" in state:
+        pos = state["pos_embed"]
+        if pos.shape[1] <= n_cls:
+            raise CheckpointError(f"{where}: pos_embed {tuple(pos.shape)} has no patch positions after the "
+                                  f"{n_cls} class token(s)")
+        prefix, grid = pos[:, :n_cls], pos[:, n_cls:]
+        if n_cls == 1:
+            prefix = prefix.repeat(1, c, 1)
+            res.adapted["pos_embed"] = f"the class token's position embedding repeated for {c} classes"
+    else:
+        prefix = grid = None
+    if grid is not None:
+        side = _grid_side(grid.shape[1], where, "pos_embed")
+        if (side, side) != tuple(net.grid_size):
             grid = _interpolate_grid_pos(grid, (side, side), net.grid_size)
-            if extra == 0:
-                prefix = own["pos_embed"][:, :c]
-            elif extra == 1:
-                prefix = prefix.repeat(1, c, 1)
-            v = torch.cat([prefix, grid], dim=1)
-            assert v.shape[1] == c + n_grid
-        if k in own and own[k].shape != v.shape:
-            log.info("dropping %s: checkpoint shape %s, model %s", k, tuple(v.shape), tuple(own[k].shape))
-            continue
-        if k in own:
-            out[k] = v.to(own[k].dtype)
-    return out
+            how = f"patch grid {side}x{side} resized to {net.grid_size[0]}x{net.grid_size[1]} (bicubic)"
+            res.adapted["pos_embed"] = "; ".join(filter(None, [res.adapted.get("pos_embed"), how]))
+        out["pos_embed"] = torch.cat([prefix, grid], dim=1)
+    head = state.get("head.weight")
+    if head is not None:
+        if layout == "vit":
+            reason = "the ViT's ImageNet classifier (MMCST scores classes from its class tokens)"
+        elif layout == "mctformer-v1" and head.ndim == 2:
+            reason = "MCTformer-V1's forward never uses head (class scores are the class tokens' mean)"
+        elif layout == "mctformer-v1":
+            raise CheckpointError(f"{where}: an MCTformer-V1 head of shape {tuple(head.shape)} (last_opt='fc') "
+                                  "is not supported; only the default last_opt='average' is")
+        else:
+            reason = None  # V2 / MCTformer+ class head: the model's patch_cam head (load_exact checks it)
+        if reason:
+            for k in ("head.weight", "head.bias"):
+                if out.pop(k, None) is not None:
+                    res.ignored[k] = reason
+    return res
 
 
 # ============================================================================ CLIP access
@@ -530,15 +630,20 @@ class MMCST(Localizer):
                               mask_groups=bool(m.get("mask_groups", True)),
                               token_source=str(m.get("token_source", "fused")),
                               lambda_init=float(m.get("lambda_init", 1.0)),
-                              patch_proj=str(m.get("patch_proj", "conv3")),
-                              final_norm=bool(m.get("final_norm", False))).to(device)
+                              patch_proj=str(m.get("patch_proj", "linear")),
+                              final_norm=bool(m.get("final_norm", False)),
+                              patch_cam=bool(m.get("patch_cam", False)),
+                              text_proj=str(m.get("text_proj", "learned")),
+                              text_scale=float(m.get("text_scale", 1.0))).to(device)
         available = {"mm", "attn"} | ({"t2p"} if self.model.use_text else set()) | \
-            ({"c2p"} if self.model.use_c2p else set())
+            ({"c2p"} if self.model.use_c2p else set()) | ({"patchcam"} if self.model.use_patch_cam else set())
         for v in [self.icfg.get("map", "mm")] + list(self.icfg.get("extras") or []):
             if v not in available:
                 raise ValueError(f"infer map {v!r} is not available with this model (model.text_tokens="
-                                 f"{self.model.use_text}, model.class_patch={self.model.use_c2p}); choose from "
-                                 f"{sorted(available)}")
+                                 f"{self.model.use_text}, model.class_patch={self.model.use_c2p}, model.patch_cam="
+                                 f"{self.model.use_patch_cam}); choose from {sorted(available)}")
+        if str(self.icfg.get("resolution", "native")) not in ("native", "square"):
+            raise ValueError(f"infer.resolution must be 'native' or 'square', got {self.icfg.get('resolution')!r}")
         ps = self.model.patch_size[0]
         if self.input_size % ps:
             raise ValueError(f"model.input_size {self.input_size} is not a multiple of the patch size {ps}")
@@ -641,23 +746,23 @@ class MMCST(Localizer):
         self._text_ready = True
         self._trained = True
 
-    def load_mctformer_checkpoint(self, path: str | Path) -> dict[str, list[str]]:
-        """Load an MCTformer-style ``{'model': state_dict}`` file (timm ViT key names) or a plain state dict.
+    @classmethod
+    def load_foreign(cls, path: str | Path, config: dict, class_names: Sequence[str] | None = None,
+                     device: str = "cpu") -> "MMCST":
+        """Build from ``config`` and load an MCTformer-V1 / -V2 / MCTformer+ ``{'model': state_dict}`` file, a
+        plain ViT state dict or an MMCST one, exactly (``load_exact``): every model tensor must come from the
+        file unless ``load.partial`` names it; ``load_report`` says what was loaded, dropped and reshaped."""
+        from wsolbench.checkpoint import load_exact, load_tensors, partial_names
 
-        Keys missing from the file (e.g. the MMCST text parts in an MCTformer checkpoint) keep their current
-        values; returns {"missing": [...], "unexpected": [...]}.
-        """
-        from wsolbench.checkpoint import load_tensors
-
-        raw = load_tensors(path, device="cpu")
-        adapted = adapt_vit_state_dict(raw, self.model)
-        res = self.model.load_state_dict(adapted, strict=False)
-        src = raw.get("model", raw) if isinstance(raw, dict) else raw
-        unexpected = sorted(k for k in src if k.removeprefix("module.") not in adapted)
-        if "text_embed" in adapted:
-            self._text_ready = True
-        self._trained = True
-        return {"missing": sorted(res.missing_keys), "unexpected": unexpected}
+        method = cls.from_config(config, class_names=class_names, device=device)
+        adapted = adapt_vit_state_dict(load_tensors(path, device="cpu"), method.model, where=str(path))
+        method.load_report = load_exact(method.model, adapted.state, partial=partial_names(config), where=path,
+                                        ignored=adapted.ignored, adapted=adapted.adapted, layout=adapted.layout)
+        log.info(method.load_report.summary())
+        method._text_ready = "text_embed" in method.load_report.loaded  # else computed with CLIP when needed
+        method._trained = True
+        method.model.eval()
+        return method
 
     # ---- training --------------------------------------------------------------------------------------
     def _train_transform(self):
@@ -683,11 +788,11 @@ class MMCST(Localizer):
             self._init_from_pretrained()
         self.ensure_text_embeddings()
         net = self.model
-        w = {k: float(self.lcfg.get(k, 1.0)) for k in ("cls", "text_patch", "class_patch", "contrast")}
+        w = {k: float(self.lcfg.get(k, 1.0)) for k in LOSS_TERMS}
         use_contrast = net.use_text and w["contrast"] > 0
         clip = self.clip(pretrained=True) if use_contrast else None
         params = [p for p in net.parameters() if p.requires_grad]
-        lr, wd = float(t.get("lr", 5e-4)), float(t.get("weight_decay", 0.0))
+        lr, wd = scaled_lr(t), float(t.get("weight_decay", 0.0))
         opt_name = str(t.get("optimizer", "adam")).lower()
         if opt_name == "adam":
             opt = torch.optim.Adam(params, lr=lr, weight_decay=wd)
@@ -732,19 +837,39 @@ class MMCST(Localizer):
         return {"history": history}
 
     def _init_from_pretrained(self) -> None:
-        """Initialise the transformer from the pretrained ViT (class token repeated C times, as MCTformer)."""
+        """Initialise the transformer from the pretrained ViT (class token repeated C times, as MCTformer); every
+        ViT tensor must load, and only the MMCST parts (``MMCSTNet.new_parts``) keep their initial values."""
+        from wsolbench.checkpoint import load_exact
+
         vit = self._build_vit(pretrained=True)
-        adapted = adapt_vit_state_dict(vit.state_dict(), self.model)
-        self.model.load_state_dict(adapted, strict=False)
+        name = self.mcfg.get("backbone", {}).get("name", "vit")
+        adapted = adapt_vit_state_dict(vit.state_dict(), self.model, where=f"pretrained backbone {name}")
+        load_exact(self.model, adapted.state, partial=self.model.new_parts(), where=f"pretrained backbone {name}")
 
     # ---- inference -------------------------------------------------------------------------------------
     def _forward_maps(self, x: torch.Tensor, variants: Sequence[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        out = self.model(x, need_attn=True)
+        out = self.model(x.to(self.device), need_attn=True)
         i = self.icfg
         maps = {v: self.model.maps(out, v, attn_layers=int(i.get("attn_layers", 3)),
                                    fuse_attention=bool(i.get("fuse_attention", True)),
-                                   refine=bool(i.get("refine", True))) for v in variants}
+                                   refine=bool(i.get("refine", True)), relu=bool(i.get("relu", True)))
+                for v in variants}
         return maps, out["logits"]
+
+    def _sum_passes(self, passes: Sequence[tuple[torch.Tensor, bool]], out_hw: tuple[int, int],
+                    variants: Sequence[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Maps of every (input, flipped) pass upsampled bilinearly to ``out_hw``, flipped back and summed (in
+        pass order, as MCTformer); the class scores of the first pass."""
+        sums: dict[str, torch.Tensor] = {}
+        logits = None
+        for x, flipped in passes:
+            maps, lg = self._forward_maps(x, variants)
+            logits = lg if logits is None else logits
+            for v, m in maps.items():
+                m = F.interpolate(m, size=tuple(out_hw), mode="bilinear", align_corners=False)
+                m = m.flip(-1) if flipped else m
+                sums[v] = sums[v] + m if v in sums else m
+        return sums, logits
 
     @torch.no_grad()
     def localize(self, images: Any, classes: Sequence[Any] | None = None,
@@ -768,22 +893,25 @@ class MMCST(Localizer):
         main = str(i.get("map", "mm"))
         extras = [str(e) for e in (i.get("extras") or [])]
         variants = list(dict.fromkeys([main] + extras))
-        s0 = self.input_size
-        ps = self.model.patch_size[0]
-        sums: dict[str, torch.Tensor] = {}
-        logits = None
-        for scale in i.get("scales") or [1.0]:
-            size = max(ps, int(round(s0 * float(scale) / ps)) * ps)
-            x = self.preprocess(imgs, size)
-            for flip in ([False, True] if i.get("flip", False) else [False]):
-                maps, lg = self._forward_maps(x.flip(-1) if flip else x, variants)
-                if logits is None:
-                    logits = lg
-                for v, m in maps.items():
-                    m = F.interpolate(m, size=(s0, s0), mode="bilinear", align_corners=False)
-                    if flip:
-                        m = m.flip(-1)
-                    sums[v] = sums[v] + m if v in sums else m
+        scales = [float(x) for x in (i.get("scales") or [1.0])]
+        flip = bool(i.get("flip", False))
+        if str(i.get("resolution", "native")) == "native":  # each image at its own size (MCTformer)
+            per_image = [self._sum_passes(*mctformer_inputs(im, scales, flip, self.mean, self.std), variants)
+                         for im in imgs]
+            sizes = sorted({tuple(m[main].shape[-2:]) for m, _ in per_image})
+            if len(sizes) > 1:
+                raise InputError(f"infer.resolution 'native' gives each image's maps at its own size; one localize "
+                                 f"call got sizes {sizes}: pass images of one size (or one image) per call (in a run: "
+                                 "--set harness.batch_size=1), or set infer.resolution=square")
+            sums = {v: torch.cat([m[v] for m, _ in per_image]) for v in variants}
+            logits = torch.cat([lg for _, lg in per_image])
+        else:  # every image resized to input_size², scales at round(input_size·s) px (168, 280 for 224)
+            s0 = self.input_size
+            passes = []
+            for scale in scales:
+                x = self.preprocess(imgs, round(s0 * scale))
+                passes += [(x, False)] + ([(x.flip(-1), True)] if flip else [])
+            sums, logits = self._sum_passes(passes, (s0, s0), variants)
         normed = {v: _minmax(m) for v, m in sums.items()}
         if queries is None:
             pick = lambda m: m  # noqa: E731
@@ -794,6 +922,39 @@ class MMCST(Localizer):
             qcls = queries
         return LocalizerOutput(maps=pick(normed[main]).float().cpu(), logits=logits.float().cpu(), classes=qcls,
                                extras={v: pick(normed[v]).float().cpu() for v in extras if v != main})
+
+
+def scaled_lr(train_cfg: dict) -> float:
+    """``train.lr``, times batch/``lr_base_batch`` when that is set (MCTformer's main.py: lr × batch / 512)."""
+    lr = float(train_cfg.get("lr", 5e-4))
+    base = train_cfg.get("lr_base_batch")
+    return lr * int(train_cfg.get("batch_size", 32)) / float(base) if base else lr
+
+
+def mctformer_inputs(img: Any, scales: Sequence[float], flip: bool, mean, std
+                     ) -> tuple[list[tuple[torch.Tensor, bool]], tuple[int, int]]:
+    """The passes of MCTformer's multi-scale map generation for one image, as (1×3×h×w input, flipped), and the
+    image's (H, W), the size the maps are generated at.
+
+    As ``VOC12DatasetMS``: PIL bicubic resize to (round(W·s), round(H·s)) — Python's round, no crop, the patch
+    embedding drops a remainder under 16 px — then ToTensor, Normalize, and each scale also flipped."""
+    from PIL import Image
+
+    from wsolbench.imaging import to_float_chw
+
+    if not isinstance(img, Image.Image):  # arrays/tensors: 8-bit RGB first, as a JPEG on disk would be
+        img = Image.fromarray(to_float_chw(img).mul(255).round().byte().permute(1, 2, 0).numpy())
+    img = img.convert("RGB")
+    w, h = img.size
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    sd = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    passes = []
+    for s in scales:
+        x = (to_float_chw(img.resize((round(w * s), round(h * s)), resample=Image.BICUBIC)) - m) / sd
+        passes.append((x[None], False))
+        if flip:
+            passes.append((x.flip(-1)[None], True))
+    return passes, (h, w)
 
 
 def _minmax(m: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ def small_cfg(**changes) -> dict:
         "train": {"epochs": 1, "batch_size": 4, "lr": 1e-3, "scheduler": "none", "augment": "simple",
                   "resize_size": 36, "num_workers": 0, "seed": 0},
         "infer": {"map": "mm", "attn_layers": 1, "refine": True, "fuse_attention": True, "scales": [1.0],
-                  "flip": False, "extras": []},
+                  "flip": False, "extras": [], "resolution": "square"},
     }
     for dotted, value in changes.items():
         node = cfg
@@ -259,13 +259,15 @@ def test_save_load_identical_maps(method, tmp_path):
 
 
 def test_mctformer_style_checkpoint(method, tmp_path):
+    """An MMCST state dict saved the MCTformer way ({'model': ...}, DDP ``module.`` prefixes) loads exactly."""
     imgs = images(2)
     ref = method.localize(imgs)
     path = tmp_path / "checkpoint.pth"
     torch.save({"model": {f"module.{k}": v for k, v in method.model.state_dict().items()}}, path)
-    fresh = make_method()
-    report = fresh.load_mctformer_checkpoint(path)
-    assert report["missing"] == [] and report["unexpected"] == []
+    fresh = MMCST.load_foreign(path, small_cfg(), class_names=CLASSES)
+    report = fresh.load_report
+    assert report.layout == "mmcst" and report.missing == [] and report.unexpected == []
+    assert len(report.loaded) == len(method.model.state_dict())
     torch.testing.assert_close(fresh.localize(imgs).maps, ref.maps)
 
 
@@ -275,9 +277,10 @@ def test_plain_vit_weights_repeat_class_token():
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=64, patch_size=8,
                             embed_dim=24, depth=2, num_heads=2)
     m = make_method()
-    state = adapt_vit_state_dict({"model": vit.state_dict()}, m.model)
-    assert "head.weight" not in state
-    m.model.load_state_dict(state, strict=False)
+    adapted = adapt_vit_state_dict({"model": vit.state_dict()}, m.model)
+    assert adapted.layout == "vit" and "head.weight" in adapted.ignored and "head.weight" not in adapted.state
+    assert "pos_embed" in adapted.adapted and "cls_token" in adapted.adapted
+    m.model.load_state_dict(adapted.state, strict=False)
     c = len(CLASSES)
     torch.testing.assert_close(m.model.cls_token, vit.cls_token.expand(1, c, -1))
     torch.testing.assert_close(m.model.pos_embed[:, :c], vit.pos_embed[:, :1].expand(1, c, -1))
@@ -316,7 +319,9 @@ def test_configs_resolve():
 
     paper = load_method_config("mmcst", "paper", "voc")
     assert paper["train"]["lr"] == 5e-4 and paper["train"]["batch_size"] == 32 and paper["train"]["epochs"] == 60
-    assert paper["train"]["optimizer"] == "adam" and paper["loss"]["gwrp_decay"] == 0.996
+    assert paper["train"]["optimizer"] == "adamw" and paper["loss"]["gwrp_decay"] == 0.996
+    assert paper["train"]["lr_base_batch"] == 512 and paper["infer"]["resolution"] == "native"
+    assert paper["protocol"]["dense"] == "mctformer-miou"
     assert load_method_config("mmcst", "paper", "coco")["train"]["epochs"] == 60
     assert load_method_config("mmcst", "paper", "openimages")["train"]["epochs"] == 10
     tiny = load_method_config("mmcst", "tiny", "voc")
@@ -330,7 +335,7 @@ def test_registered():
 
 
 def test_paper_architecture_random_init(isolated_env):
-    """ViT-B/16 + CLIP ViT-B/16 widths, built without weights (they are loaded at fit()); on the meta device
+    """DeiT-B/16 + CLIP ViT-B/16 widths, built without weights (they are loaded at fit()); on the meta device
     (shapes only, no memory); the forward pass itself is covered by the small models above."""
     from wsolbench.config import load_method_config
 
@@ -342,15 +347,15 @@ def test_paper_architecture_random_init(isolated_env):
     assert net.cls_token.shape == (1, 20, 768) and net.pos_embed.shape == (1, 20 + 196, 768)
     assert net.text_embed.shape == (20, 512) and net.text_proj.weight.shape == (768, 512)
     assert net.contrast_proj.weight.shape == (512, 768) and len(net.blocks) == 12
-    assert net.patch_proj.weight.shape == (768, 768, 3, 3)
+    assert net.patch_proj.weight.shape == (768, 768, 1, 1)  # "linearly projected"
     keys = set(net.state_dict())
     assert {"blocks.11.attn.qkv.weight", "patch_embed.proj.weight", "norm.weight"} <= keys
     assert m.input_size == 224 and m.icfg["scales"] == [1.0, 0.75, 1.25] and m.icfg["flip"] is True
     # real weights are resolved offline at fit(): absent here, the error names the files and the fix
     from wsolbench import weights
 
-    if weights.find("vit-b16")[0] is None:
-        with pytest.raises(weights.MissingWeightsError, match="vit-b16"):
+    if weights.find("deit-b16")[0] is None:
+        with pytest.raises(weights.MissingWeightsError, match="deit-b16"):
             m.fit([], progress=False)
     if weights.find("clip-vit-b16-openai")[0] is None:
         with pytest.raises(weights.MissingWeightsError, match="clip-vit-b16-openai"):

@@ -87,6 +87,7 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)  # model tensors the file lacks, allowed by ``partial``
     unexpected: list[str] = field(default_factory=list)  # file tensors the model lacks, allowed by ``partial``
     ignored: dict[str, str] = field(default_factory=dict)  # file tensors the method's reader drops, and why
+    adapted: dict[str, str] = field(default_factory=dict)  # file tensors the reader reshaped, and how
     partial: list[str] = field(default_factory=list)  # the names/prefixes the user allowed to be partial
     layout: str | None = None  # the file layout the method recognised (e.g. "mctformer-v2")
 
@@ -127,13 +128,14 @@ def partial_names(config: Mapping[str, Any] | None) -> tuple[str, ...]:
 
 
 def load_exact(module: Any, state: Mapping[str, Any], *, partial: Iterable[str] = (), where: str | Path = "checkpoint",
-               ignored: Mapping[str, str] | None = None, layout: str | None = None) -> LoadReport:
+               ignored: Mapping[str, str] | None = None, adapted: Mapping[str, str] | None = None,
+               layout: str | None = None) -> LoadReport:
     """Load ``state`` into ``module`` so that every model tensor comes from the file and every file tensor is used.
 
     A model tensor missing from ``state`` or a ``state`` tensor the model lacks raises ``CheckpointError``
     unless a ``partial`` entry (a tensor name, or a prefix such as ``text_proj``) names it; a shape mismatch
     always raises; so does a ``partial`` entry that names nothing (a typo would silently allow nothing).
-    ``ignored`` lists file tensors the caller's reader deliberately dropped (name → reason), for the record.
+    ``ignored`` / ``adapted``: file tensors the caller's reader dropped / reshaped (name → why, how), recorded.
     """
     import torch
 
@@ -166,7 +168,8 @@ def load_exact(module: Any, state: Mapping[str, Any], *, partial: Iterable[str] 
                               "remove them (tensor names are the model's state_dict keys)")
     module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return LoadReport(where=where, loaded=sorted(k for k in state if k in own), missing=missing,
-                      unexpected=unexpected, ignored=dict(ignored or {}), partial=list(partial), layout=layout)
+                      unexpected=unexpected, ignored=dict(ignored or {}), adapted=dict(adapted or {}),
+                      partial=list(partial), layout=layout)
 
 
 def load_foreign_method(cls: Any, path: str | Path, config: dict, class_names: Any, device: str = "cpu") -> Any:
