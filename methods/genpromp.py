@@ -78,6 +78,7 @@ TEMPLATES = ("a photo of a {}", "a rendering of a {}", "the photo of a {}", "a p
              "a photo of the {}", "a photo of one {}", "a rendition of a {}")
 EMBEDDINGS = ("combined", "discriminative", "representative")
 STAGE2_STATE = "stage2_state.pt"
+SYNONYMS_FILE = "class_synonyms.json"
 
 
 # ------------------------------------------------------------------------------------------ prompts
@@ -88,7 +89,9 @@ def clean_class_name(name: str) -> str:
 
 
 def select_meta_token(class_name: str, tokenizer) -> str:
-    """The official meta-token rule (see the module docstring)."""
+    """The official meta-token rule (see the module docstring) on one class's full name: all its
+    comma-separated synonyms ("hammerhead, hammerhead shark" -> "shark"; its first synonym alone gives the
+    BPE piece "head")."""
     synonyms = [s.strip() for s in clean_class_name(class_name).split(",") if s.strip()]
     if not synonyms:
         raise ValueError(f"empty class name {class_name!r}")
@@ -98,6 +101,17 @@ def select_meta_token(class_name: str, tokenizer) -> str:
             return w
     ids = tokenizer.encode(words[0], add_special_tokens=False)
     return tokenizer.decode([ids[-1]]).strip()
+
+
+def _check_synonyms(synonyms: Sequence[Sequence[str]] | None, class_names: Sequence[str]) -> list[tuple[str, ...]] | None:
+    """One non-empty tuple of names per class, or None."""
+    if synonyms is None:
+        return None
+    out = [tuple(str(n) for n in ([s] if isinstance(s, str) else s)) for s in synonyms]
+    if len(out) != len(class_names) or not all(out):
+        raise ValueError(f"class_synonyms must hold one non-empty list of names per class ({len(class_names)}), "
+                         f"got {len(out)}")
+    return out
 
 
 def combine_embeddings(f_r: torch.Tensor, f_d: torch.Tensor, ratio: float, mode: str = "combined"):
@@ -123,6 +137,9 @@ class ConceptTokenEmbedding(nn.Module):
         self.base = base
         self.offset = int(offset)
         self.rows = nn.ParameterList([nn.Parameter(r.detach().clone(), requires_grad=False) for r in init])
+        # None, or one factor per sequence multiplying the vocabulary rows it reads: stage 1's official
+        # weight decay of the whole (shared) token-embedding matrix, without touching the frozen table
+        self.base_scale: torch.Tensor | None = None
 
     @property
     def weight(self) -> torch.Tensor:  # what get_input_embeddings().weight users expect
@@ -138,6 +155,8 @@ class ConceptTokenEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         is_concept = ids >= self.offset
         out = self.base(torch.where(is_concept, torch.zeros_like(ids), ids))
+        if self.base_scale is not None:
+            out = out * self.base_scale.to(out).view(-1, *([1] * (out.ndim - 1)))
         if not bool(is_concept.any()):
             return out
         concept_ids = (ids[is_concept] - self.offset).tolist()
@@ -291,16 +310,19 @@ class PredictionsClassifier:
             raise missing_weights(f"GenPromp classifier predictions not found: {path}. Put the official "
                                       f"EfficientNet-B7 predictions JSON there, or set classifier.kind=none "
                                       f"(GT-known only) / timm / zoo")
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        self.path = Path(path)
+        raw = json.loads(self.path.read_text(encoding="utf-8"))
         self.scores: dict[str, list[float]] = {}
         for k, v in raw.items():
             s = v["pred_scores"] if isinstance(v, dict) else v
             for key in {k, _stem(k), Path(_stem(k)).name}:
                 self.scores.setdefault(key, s)
 
-    def __call__(self, images, image_ids: Sequence[str] | None) -> torch.Tensor | None:
+    def __call__(self, images, image_ids: Sequence[str] | None) -> torch.Tensor:
+        """The scores of each image, found by its id; a missing id is an error (never a dropped metric)."""
         if image_ids is None:
-            return None
+            raise InputError(f"classifier.kind=json reads {self.path} by image id: pass meta=[ImageMeta(image_id)] "
+                             f"to localize (the harness does), or set classifier.kind=none for GT-known maps only")
         rows = []
         for i in image_ids:
             for key in (str(i), _stem(str(i)), Path(_stem(str(i))).name):
@@ -308,7 +330,8 @@ class PredictionsClassifier:
                     rows.append(self.scores[key])
                     break
             else:
-                raise KeyError(f"no prediction for image {i!r} in the predictions JSON")
+                raise InputError(f"{self.path}: no prediction for image {i!r} (keys look like "
+                                 f"{next(iter(self.scores), None)!r}); use the predictions JSON of this split")
         return torch.tensor(rows, dtype=torch.float32)
 
 
@@ -361,6 +384,27 @@ def build_classifier(cfg: dict, device: str):
     return ModelClassifier(model, size, mean, std, device)
 
 
+# ------------------------------------------------------------------------------------------ training helpers
+def world_size() -> int:
+    """Processes of this run (torch.distributed's world size, 1 without it)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def scaled_lr(stage: dict) -> float:
+    """A stage's learning rate: with ``scale_lr`` the official (accelerate) total-batch scaling
+    lr x batch_size x grad_accum x processes (``processes`` null = this run's world size)."""
+    lr = float(stage["lr"])
+    if not stage["scale_lr"]:
+        return lr
+    processes = int(stage["processes"]) if stage["processes"] else world_size()
+    return lr * int(stage["batch_size"]) * int(stage["grad_accum"]) * processes
+
+
+DECAY_SCOPES = ("vocabulary", "concept")
+
+
 # ------------------------------------------------------------------------------------------ the method
 @register_method("genpromp")
 class GenPromp(Localizer):
@@ -372,9 +416,10 @@ class GenPromp(Localizer):
     tiny_zoo = ("diffusion", "classifier")
 
     def __init__(self, config: dict | None = None, class_names: Sequence[str] | None = None, device: str = "cpu",
-                 components: dict | None = None) -> None:
+                 components: dict | None = None, class_synonyms: Sequence[Sequence[str]] | None = None) -> None:
         super().__init__(config, class_names, device)
         cfg = self.config
+        self.class_synonyms = _check_synonyms(class_synonyms, self.class_names)
         self._cache: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
         comps = components if components is not None else _build_components(cfg)
         self.tokenizer = comps["tokenizer"]
@@ -409,8 +454,11 @@ class GenPromp(Localizer):
 
     @classmethod
     def from_config(cls, config: dict, class_names: Sequence[str] | None = None, device: str = "cpu",
-                    components: dict | None = None):
-        return cls(config=config, class_names=class_names, device=device, components=components)
+                    components: dict | None = None, class_synonyms: Sequence[Sequence[str]] | None = None):
+        """``class_synonyms``: all names of each class (the ILSVRC synset mapping's; the harness passes the
+        dataset's), read by the meta-token rule; None: the class names."""
+        return cls(config=config, class_names=class_names, device=device, components=components,
+                   class_synonyms=class_synonyms)
 
     # ---- concept tokens ----------------------------------------------------------------------------
     def _setup_concepts(self) -> None:
@@ -424,8 +472,7 @@ class GenPromp(Localizer):
             if added != n or ids != list(range(self.token_offset, self.token_offset + n)):
                 raise ValueError(f"concept tokens {self.concept_tokens[:3]}... did not get consecutive new ids "
                                  f"from {self.token_offset} (the tokenizer already had some of them?)")
-        fixed = p["meta_token"]
-        self.meta_tokens = [fixed if fixed else select_meta_token(c, self.tokenizer) for c in self.class_names]
+        self.meta_tokens = self._meta_tokens()
         emb = self.text_encoder.get_input_embeddings()
         base = emb.base if isinstance(emb, ConceptTokenEmbedding) else emb
         if self.token_offset > base.num_embeddings:
@@ -435,6 +482,13 @@ class GenPromp(Localizer):
                             for m in self.meta_tokens]) if n else base.weight[:0]
         self.concepts = ConceptTokenEmbedding(base, init, self.token_offset)
         self.text_encoder.set_input_embeddings(self.concepts)
+
+    def _meta_tokens(self) -> list[str]:
+        """``prompts.meta_token`` for every class when set (CUB: "bird"), else the official rule on each
+        class's full synonym string."""
+        fixed = self.config["prompts"]["meta_token"]
+        names = [", ".join(s) for s in self.class_synonyms] if self.class_synonyms else self.class_names
+        return [fixed if fixed else select_meta_token(n, self.tokenizer) for n in names]
 
     @property
     def concept_token_ids(self) -> list[int]:
@@ -513,6 +567,10 @@ class GenPromp(Localizer):
         path = Path(path)
         save_localizer(self, path)
         self.save_official_tokens(path / "tokens")
+        if self.class_synonyms is not None:
+            from wsolbench.io import write_json
+
+            write_json(path / SYNONYMS_FILE, [list(s) for s in self.class_synonyms])
         if self.unet_finetuned:
             self.unet.save_pretrained(str(path / "unet"))
         return path
@@ -525,6 +583,11 @@ class GenPromp(Localizer):
 
         path = Path(path)
         method = load_localizer(cls, path, device=device, config=config)
+        if (path / SYNONYMS_FILE).exists():  # f_d's meta tokens (the concept rows came with the state)
+            method.class_synonyms = _check_synonyms(json.loads((path / SYNONYMS_FILE).read_text(encoding="utf-8")),
+                                                    method.class_names)
+            method.meta_tokens = method._meta_tokens()
+            method._cache.clear()
         if (path / "unet" / "config.json").exists() and method.config["inference"]["finetuned"]:
             method.load_unet(path / "unet")
         return method
@@ -662,7 +725,11 @@ class GenPromp(Localizer):
         cond = cond.to(self.device, self.infer_dtype)
         token_weights = token_weights.to(self.device, torch.float32)
         collected: dict[str, list[torch.Tensor]] = {l.name: [] for l in self._record_layers}
-        rec = AttentionRecorder(self.unet, self._record_layers, stop_after_last=bool(inf["early_exit"]))
+        softmax = {"model": None, "float32": torch.float32}.get(inf["softmax_dtype"], "bad")
+        if softmax == "bad":
+            raise ValueError(f"inference.softmax_dtype must be 'model' or 'float32', got {inf['softmax_dtype']!r}")
+        rec = AttentionRecorder(self.unet, self._record_layers, stop_after_last=bool(inf["early_exit"]),
+                                softmax_dtype=softmax)
         with rec:
             for chunk in torch.arange(n_q * n_t, device=z0.device).split(int(inf["unet_batch"])):
                 q, t = item_q[chunk], item_t[chunk]
@@ -753,21 +820,22 @@ class GenPromp(Localizer):
 
     # ---- training ----------------------------------------------------------------------------------
     def _train_transform(self):
+        """PIL image -> 3×S×S in [-1, 1], the official train pipeline: Resize (torchvision's default, bilinear
+        on the PIL image), RandomCrop, RandomHorizontalFlip, ColorJitter, then ``official_pixels``."""
         from torchvision.transforms import v2
 
         aug = self.config["train"]["augment"]
-        ops = [v2.ToImage(), v2.Resize((aug["resize"], aug["resize"]), interpolation=v2.InterpolationMode.BICUBIC,
-                                       antialias=True), v2.RandomCrop(aug["crop"])]
+        ops = [v2.Resize((aug["resize"], aug["resize"]), interpolation=v2.InterpolationMode.BILINEAR),
+               v2.RandomCrop(aug["crop"])]
         if aug["hflip"]:
             ops.append(v2.RandomHorizontalFlip())
         if aug["color_jitter"]:
             ops.append(v2.ColorJitter(*aug["color_jitter"]))
-        ops += [v2.Resize((self.image_size, self.image_size), interpolation=v2.InterpolationMode.BICUBIC,
-                          antialias=True), v2.ToDtype(torch.float32, scale=True)]
-        return v2.Compose(ops)
+        augment = v2.Compose(ops)
+        return lambda img: official_pixels(augment(img.convert("RGB")), self.image_size)
 
     def _load_batch(self, dataset, indices: Sequence[int], transform) -> torch.Tensor:
-        return torch.stack([transform(dataset[i].load_image()) for i in indices]) * 2.0 - 1.0
+        return torch.stack([transform(dataset[i].load_image()) for i in indices])
 
     def _noisy(self, pixels: torch.Tensor):
         with torch.no_grad():
@@ -839,7 +907,16 @@ class GenPromp(Localizer):
             if done:
                 self.load_official_tokens(tok_dir)
         todo = [c for c in classes if c not in done]
-        lr = float(cfg["lr"]) * (int(cfg["batch_size"]) * int(cfg["grad_accum"]) if cfg["scale_lr"] else 1)
+        lr = scaled_lr(cfg)
+        if cfg["weight_decay_scope"] not in DECAY_SCOPES:
+            raise ValueError(f"train.stage1.weight_decay_scope must be one of {DECAY_SCOPES}, got "
+                             f"{cfg['weight_decay_scope']!r}")
+        # official: one AdamW over the whole token-embedding matrix per class, classes in turn on one text
+        # encoder, so every row not trained shrinks by (1 - lr*wd) per optimizer step of every class before
+        steps_before, n = {}, 0
+        for c in classes:
+            steps_before[c] = n
+            n += sum(flag for _, flag in self._stage1_plan(c, by_class[c], cfg))
         transform = self._train_transform()
         group_size = max(1, int(cfg["parallel_classes"]))
         t0, losses = time.time(), []
@@ -850,7 +927,7 @@ class GenPromp(Localizer):
             bar = tqdm(total=len(todo), desc="genpromp stage 1 (classes)", leave=False, dynamic_ncols=True)
         for g in range(0, len(todo), group_size):
             group = todo[g:g + group_size]
-            losses.append(self._stage1_group(train_data, group, by_class, cfg, lr, transform))
+            losses.append(self._stage1_group(train_data, group, by_class, cfg, lr, transform, steps_before))
             if tok_dir is not None:
                 self.save_official_tokens(tok_dir, group)
             if bar is not None:
@@ -859,17 +936,24 @@ class GenPromp(Localizer):
         if bar is not None:
             bar.close()
         return {"classes_trained": len(todo), "classes_resumed": len(done), "lr": lr,
+                "weight_decay_scope": cfg["weight_decay_scope"],
                 "mean_loss": float(np.mean(losses)) if losses else None, "time_s": round(time.time() - t0, 2)}
 
-    def _stage1_group(self, train_data, group: list[int], by_class, cfg: dict, lr: float, transform) -> float:
+    def _stage1_group(self, train_data, group: list[int], by_class, cfg: dict, lr: float, transform,
+                      steps_before: dict[int, int]) -> float:
         torch.manual_seed(int(self.config["train"]["seed"]) * 7919 + group[0])
         plans = {c: self._stage1_plan(c, by_class[c], cfg) for c in group}
+        wd = float(cfg["weight_decay"])
+        keep = 1.0 - lr * wd  # what AdamW's decay leaves of an untrained row per step
+        vocabulary = cfg["weight_decay_scope"] == "vocabulary"
+        done = {c: steps_before[c] if vocabulary else 0 for c in group}  # decay steps each class's table has seen
         opts = {}
         for c in group:
             row = self.concepts.rows[c]
+            with torch.no_grad():
+                row.mul_(keep ** done[c])  # decayed with the table while the classes before trained
             row.requires_grad_(True)
-            opts[c] = torch.optim.AdamW([row], lr=lr, betas=tuple(cfg["betas"]),
-                                        weight_decay=float(cfg["weight_decay"]), eps=float(cfg["eps"]))
+            opts[c] = torch.optim.AdamW([row], lr=lr, betas=tuple(cfg["betas"]), weight_decay=wd, eps=float(cfg["eps"]))
         acc = int(cfg["grad_accum"])
         total, count = 0.0, 0
         try:
@@ -881,6 +965,8 @@ class GenPromp(Localizer):
                 choice = torch.randint(len(self.templates), (len(idx),)).tolist()
                 ids = self._tokenize([self.templates[k].format(self.concept_tokens[int(c)])
                                       for k, c in zip(choice, owner.tolist())]).to(self.device)
+                if vocabulary:
+                    self.concepts.base_scale = torch.tensor([keep ** done[int(c)] for c in owner.tolist()])
                 pred = self.unet(zt, t, encoder_hidden_states=self.text_encoder(ids)[0]).sample
                 per = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
                 class_losses = [per[owner == c].mean() for c in active]
@@ -891,7 +977,9 @@ class GenPromp(Localizer):
                     if plans[c][m][1]:
                         opts[c].step()
                         opts[c].zero_grad(set_to_none=True)
+                        done[c] += vocabulary
         finally:
+            self.concepts.base_scale = None
             for c in group:
                 self.concepts.rows[c].requires_grad_(False)
                 self.concepts.rows[c].grad = None
@@ -901,8 +989,11 @@ class GenPromp(Localizer):
         from wsolbench.training import get_rng_state, set_rng_state
 
         cfg = self.config["train"]["stage2"]
-        bs, acc, steps = int(cfg["batch_size"]), int(cfg["grad_accum"]), int(cfg["steps"])
-        lr = float(cfg["lr"]) * (bs * acc if cfg["scale_lr"] else 1)
+        bs, acc = int(cfg["batch_size"]), int(cfg["grad_accum"])
+        steps = int(cfg["checkpoint_step"] or cfg["steps"])  # the official run trains on but never saves past it
+        if not 0 < steps <= int(cfg["steps"]):
+            raise ValueError(f"train.stage2.checkpoint_step must be in [1, steps={cfg['steps']}], got {steps}")
+        lr = scaled_lr(cfg)
         self.unet.train().requires_grad_(True)
         opt = torch.optim.AdamW(self.unet.parameters(), lr=lr, betas=tuple(cfg["betas"]),
                                 weight_decay=float(cfg["weight_decay"]), eps=float(cfg["eps"]))
@@ -962,7 +1053,8 @@ class GenPromp(Localizer):
             bar.close()
         self.unet.eval().requires_grad_(False)
         self.unet_finetuned = True
-        return {"steps": steps, "lr": lr, "mean_loss": float(np.mean(losses)) if losses else None,
+        return {"steps": steps, "max_steps": int(cfg["steps"]), "lr": lr,
+                "mean_loss": float(np.mean(losses)) if losses else None,
                 "time_s": round(time.time() - t0, 2)}
 
     def _save_stage2(self, out_dir: Path, opt, step: int, rng: dict) -> None:

@@ -118,7 +118,8 @@ def one_hot_tokens(batch: int, positions: Sequence[int] | Sequence[Sequence[int]
 
 class RecordingAttnProcessor:
     """An attention processor (same maths as diffusers' ``AttnProcessor``) that hands the probabilities to
-    its recorder. The softmax is computed in float32 whatever the module's dtype."""
+    its recorder. Scores and softmax are computed in the recorder's ``softmax_dtype`` (None: the module's
+    dtype, as diffusers' own processor without ``upcast_softmax``)."""
 
     def __init__(self, recorder: "AttentionRecorder", layer: AttentionLayer) -> None:
         self.recorder = recorder
@@ -157,9 +158,10 @@ class RecordingAttnProcessor:
             q = attn.norm_q(q)
         if getattr(attn, "norm_k", None) is not None:
             k = attn.norm_k(k)
-        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scale
+        dt = self.recorder.softmax_dtype or q.dtype
+        scores = torch.matmul(q.to(dt), k.to(dt).transpose(-1, -2)) * attn.scale
         if attention_mask is not None:
-            scores = scores + attention_mask.view(b, heads, -1, attention_mask.shape[-1]).float()
+            scores = scores + attention_mask.view(b, heads, -1, attention_mask.shape[-1]).to(dt)
         probs = scores.softmax(dim=-1)  # B×heads×N×L
         out = torch.matmul(probs.to(v.dtype), v)
         out = out.transpose(1, 2).reshape(b, -1, heads * head_dim)
@@ -182,12 +184,13 @@ class AttentionRecorder:
     map of each layer is then ``probs @ weights`` → B×K×h×w. ``reduce_heads``: average over heads before
     storing (else B×heads×K×h×w). ``accumulate``: repeated forwards add up (``maps()`` returns the mean
     over calls); otherwise each forward overwrites. ``stop_after_last``: raise ``EarlyStop`` once all layers
-    are recorded in a forward (use ``run`` to call the U-Net and swallow it).
+    are recorded in a forward (use ``run`` to call the U-Net and swallow it). ``softmax_dtype``: the dtype of
+    the recorded layers' scores and softmax (float32 by default; None: the U-Net's own dtype, e.g. float16).
     """
 
     def __init__(self, unet, layers: Sequence[AttentionLayer], *, token_weights: torch.Tensor | None = None,
                  reduce_heads: bool = True, accumulate: bool = False, stop_after_last: bool = False,
-                 store_dtype: torch.dtype = torch.float32) -> None:
+                 store_dtype: torch.dtype = torch.float32, softmax_dtype: torch.dtype | None = torch.float32) -> None:
         if not layers:
             raise ValueError("no attention layers selected to record")
         self.unet = unet
@@ -197,6 +200,7 @@ class AttentionRecorder:
         self.accumulate = accumulate
         self.stop_after_last = stop_after_last
         self.store_dtype = store_dtype
+        self.softmax_dtype = softmax_dtype
         self._originals: dict[str, object] = {}
         self._hook = None
         self._latent_hw: tuple[int, int] | None = None
@@ -281,9 +285,10 @@ class AttentionRecorder:
             sel = torch.einsum("bhnl,bkl->bhkn", probs, weights)
         else:
             sel = probs.transpose(-1, -2)  # B×heads×L×N
+        sel = sel.to(self.store_dtype)  # the head mean in the storage precision
         if self.reduce_heads:
             sel = sel.mean(dim=1)
-        sel = sel.reshape(*sel.shape[:-1], h, w).to(self.store_dtype)
+        sel = sel.reshape(*sel.shape[:-1], h, w)
         if self.accumulate and layer.name in self._sum:
             self._sum[layer.name] = self._sum[layer.name] + sel
             self._count[layer.name] += 1
