@@ -6,8 +6,8 @@ Localization" (arXiv 2501.12632). The official code is not reachable; this follo
 DiPS code. Values the reference does not give are our choices and are marked so in configs/tedloc.yaml.
 
 Model (``TeDLocHead`` on a frozen encoder)
-    E  a frozen pretrained ViT (EVA ViT-L via timm in the paper; the zoo ViT in the tiny profile) → patch
-       embeddings on an h×w grid (prefix tokens dropped);
+    E  a frozen pretrained ViT (``encoder.variant``: EVA-01 ViT-L/14 as the paper cites, or EVA-02; the zoo
+       ViT in the tiny profile) → patch embeddings on an h×w grid (prefix tokens dropped);
     D  a trained decoder: 1×1 conv to ``decoder.hidden_dim`` then ``decoder.upsample_blocks`` × (×2 bilinear,
        3×3 conv, norm, ReLU) and a 1×1 conv to the CLIP text-embedding width → z_p on a (h·2^n)×(w·2^n) grid;
     g  a binary FG/BG patch classifier on z_p (1×1 conv, or a small MLP), sigmoid → g(z_p) ∈ (0, 1);
@@ -22,19 +22,27 @@ Model (``TeDLocHead`` on a frozen encoder)
 
 Pseudo-labels (computed once per training image, cached)
     CLIP-ES Grad-CAM (``wsolbench.clip_gradcam``) of the ground-truth class with ``pseudo_labels.prompt`` and
-    ``pseudo_labels.background_words`` at the CLIP token grid, min-max normalised, stored as float16 .npy per
+    ``pseudo_labels.background_words`` (less the words that name a class or one of its synonyms, as CLIP-ES
+    keeps one list per dataset) at the CLIP token grid, min-max normalised, stored as float16 .npy per
     image under ``<root>/<hash of the CLIP/prompt settings>/``, atomically. At every step, on the augmented
     map resized to the z_p grid: Otsu's threshold on floor(cam·255) (DiPS) gives the FG region; FG
     candidates = the ``sampling.n_fg`` highest cells of that region eroded by ``sampling.erosion_kernel``
     (pixels at ``input_size``, DiPS: 11 at 224; falls back to the un-eroded region if erosion empties it);
-    BG candidates = the ``sampling.n_bg`` lowest cells outside the region (0 = all). ``sampling.per_step``
-    FG and as many BG cells are drawn per image and step (fewer, but still equal, when a set is smaller).
+    BG candidates = the ``sampling.n_bg`` lowest cells outside the region, taken only from the lowest
+    ``sampling.bg_fraction`` of the map (F-CAM/DiPS: 20%); 0 = all of them. Every other cell is unlabelled.
+    ``sampling.per_step`` FG and as many BG cells are drawn per image and step (fewer, but still equal, when
+    a set is smaller).
 
 Losses (λs and on/off switches in ``losses``; means over the sampled cells instead of the paper's sums)
     L_KD = CE(y, f(z_p, t)) over sampled FG cells (softmax over all anchors);
     P_CL = BCE(y'_p, g(z_p)) over sampled FG (1) and BG (0) cells;
     I_CL = CE(y, f(h, t)), h = Σ_p a_p z_p, a_p = g(z_p) / Σ_j g(z_j);
     L = λ1 L_KD + λ2 P_CL + λ3 I_CL; SGD through ``wsolbench.training.TrainLoop`` (resumable).
+
+Model selection (``selection``)
+    After each epoch the ``g`` maps of the ``val`` split are scored (GT-known MaxBoxAcc, maps at 256²) and the
+    head of the best epoch is kept, as the paper selects on val; the scores are in the history and
+    ``<out_dir>/selection.json``. Without a val split the last epoch is kept and the record says so.
 
 Inference (no label needed)
     maps = g(z_p) (class-agnostic; one copy per queried class); logits = f(h, t) (Top-1/Top-5 Loc); the named
@@ -65,6 +73,14 @@ log = logging.getLogger(__name__)
 
 PSEUDO_LABEL_VERSION = "tedloc-clip-es-gradcam-v1"
 ENCODER_SOURCES = ("timm", "zoo", "zoo-random")
+# named EVA ViT-L/14 encoders (timm): the paper cites EVA (Fang et al., CVPR 2023), i.e. EVA-01; EVA-02 is
+# the later model the first version of this profile used. Each is created at input_size (position embedding
+# resampled). ``encoder.name`` names any other timm model.
+ENCODER_VARIANTS = {
+    "eva01-l-196": "eva_large_patch14_196.in22k_ft_in22k_in1k",  # EVA-01 L/14, fine-tuned at 196 px
+    "eva01-l-336": "eva_large_patch14_336.in22k_ft_in22k_in1k",  # EVA-01 L/14, fine-tuned at 336 px
+    "eva02-l-448": "eva02_large_patch14_448.mim_m38m_ft_in22k_in1k",  # EVA-02 L/14, fine-tuned at 448 px
+}
 CLIP_SOURCES = ("open_clip", "zoo", "zoo-random")
 
 
@@ -93,6 +109,17 @@ def _user_path(p: str | os.PathLike) -> Path:
     if not path.is_absolute() and not path.exists() and _weights_dir() is not None:
         path = _weights_dir() / path
     return path
+
+
+def encoder_name(c: dict) -> str:
+    """The timm model of the ``encoder`` config: ``name`` when set, else the named ``variant``."""
+    if c.get("name"):
+        return str(c["name"])
+    variant = str(c.get("variant") or "")
+    if variant not in ENCODER_VARIANTS:
+        raise ValueError(f"encoder.variant must be one of {', '.join(ENCODER_VARIANTS)} (or set encoder.name to a "
+                         f"timm model), got {variant!r}")
+    return ENCODER_VARIANTS[variant]
 
 
 # ============================================================================ anchors
@@ -192,7 +219,10 @@ def global_embedding(z: torch.Tensor, g_logit: torch.Tensor) -> torch.Tensor:
 
 
 class FrozenViTEncoder(nn.Module):
-    """A timm ViT-like model → patch-token map B×D×h×w (prefix tokens dropped, final norm applied)."""
+    """A timm ViT-like model → patch-token map B×D×h×w: ``forward_features`` with the prefix tokens dropped.
+    Its tokens carry the final norm only where the model applies it there: timm's average-pooling EVA models
+    (EVA-01 and EVA-02 L/14) keep that LayerNorm as ``fc_norm``, applied after pooling, so their patch tokens
+    come un-normalised."""
 
     def __init__(self, model: nn.Module, input_size: int) -> None:
         super().__init__()
@@ -307,16 +337,19 @@ def otsu_regions(cam: np.ndarray, erosion: int = 1) -> tuple[np.ndarray, np.ndar
     return region, core
 
 
-def fg_bg_candidates(cam: np.ndarray, n_fg: int = 0, n_bg: int = 0, erosion: int = 1
+def fg_bg_candidates(cam: np.ndarray, n_fg: int, n_bg: int, erosion: int, bg_fraction: float
                      ) -> tuple[np.ndarray, np.ndarray]:
     """Flat indices of FG candidates (the n_fg highest cells of the eroded Otsu region) and BG candidates
-    (the n_bg lowest cells outside the region); 0 means all of them. Highest/lowest first."""
+    (the n_bg lowest cells outside the region among the lowest ``bg_fraction`` of all cells); n = 0 means all
+    of them. Highest/lowest first; cells in neither set are unlabelled."""
+    if not 0.0 < bg_fraction <= 1.0:
+        raise ValueError(f"sampling.bg_fraction must be in (0, 1], got {bg_fraction}")
     region, core = otsu_regions(cam, erosion)
     flat = cam.ravel()
     fg = np.flatnonzero(core.ravel())
     fg = fg[np.argsort(-flat[fg], kind="stable")]
-    bg = np.flatnonzero(~region.ravel())
-    bg = bg[np.argsort(flat[bg], kind="stable")]
+    lowest = np.argsort(flat, kind="stable")[:int(np.ceil(bg_fraction * flat.size))]
+    bg = lowest[~region.ravel()[lowest]]
     if not region.any():  # no FG at all: nothing to sample on either side
         bg = bg[:0]
     if n_fg and n_fg > 0:
@@ -398,7 +431,7 @@ class TeDLocTrainSet(torch.utils.data.Dataset):
 
     def __init__(self, dataset: Any, cam_paths: Sequence[Path], *, resize: int, crop: int, flip: bool,
                  mean: Sequence[float], std: Sequence[float], grid: tuple[int, int], n_fg: int, n_bg: int,
-                 per_step: int, erosion: int) -> None:
+                 per_step: int, erosion: int, bg_fraction: float) -> None:
         self.dataset = dataset
         self.cam_paths = list(cam_paths)
         self.resize, self.crop, self.flip = int(resize), int(crop), bool(flip)
@@ -408,6 +441,7 @@ class TeDLocTrainSet(torch.utils.data.Dataset):
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         self.grid = tuple(grid)
         self.n_fg, self.n_bg, self.per_step, self.erosion = int(n_fg), int(n_bg), int(per_step), int(erosion)
+        self.bg_fraction = float(bg_fraction)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -434,9 +468,75 @@ class TeDLocTrainSet(torch.utils.data.Dataset):
         sample = self.dataset[index]
         cam = PseudoLabelCache.read(self.cam_paths[index])
         x, c = self.augment(sample.load_image(), cam)
-        fg, bg = fg_bg_candidates(c.numpy(), self.n_fg, self.n_bg, self.erosion)
+        fg, bg = fg_bg_candidates(c.numpy(), self.n_fg, self.n_bg, self.erosion, self.bg_fraction)
         fg_idx, bg_idx = sample_balanced(fg, bg, self.per_step)
         return {"image": x, "label": int(sample.label), "fg_idx": fg_idx, "bg_idx": bg_idx, "index": int(index)}
+
+
+# ============================================================================ model selection
+SELECTION_METRICS = ("maxboxacc", "maxboxacc_v2")
+SELECTION_FILE = "selection.json"
+BEST_HEAD_FILE = "best_head.safetensors"
+
+
+class ValSelection:
+    """Keeps the head of the epoch with the best validation localization (the paper selects on ``val``, the
+    wsolevaluation protocol) and records every epoch's score in the history and in ``selection.json``."""
+
+    def __init__(self, method: "TeDLoc", val_data: Any, cfg: dict, epochs: int, out_dir: Path | None) -> None:
+        self.method, self.cfg, self.epochs, self.out_dir = method, cfg, int(epochs), out_dir
+        self.metric = str(cfg.get("metric", "maxboxacc") or "last").lower()
+        if self.metric not in SELECTION_METRICS + ("last",):
+            raise ValueError(f"selection.metric must be one of {', '.join(SELECTION_METRICS)} or last, "
+                             f"got {self.metric!r}")
+        self.val = None
+        if self.metric != "last" and val_data is not None and len(val_data) > 0:
+            cap = cfg.get("max_images")
+            self.val = val_data.subset(range(min(int(cap), len(val_data)))) if cap else val_data
+        self.key = f"val_{self.metric}"
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_value = -float("inf")
+
+    def on_epoch_end(self, epoch: int, record: dict) -> None:
+        every = max(1, int(self.cfg.get("every", 1) or 1))
+        if self.val is None or ((epoch + 1) % every and epoch + 1 != self.epochs):
+            return
+        value = self.method.box_accuracy(self.val, self.metric, int(self.cfg.get("map_size", 256)))
+        record[self.key] = value
+        self.method.head.train()
+        if value > self.best_value:
+            self.best_value = value
+            self.best_state = {k: v.detach().clone() for k, v in self.method.head.state_dict().items()}
+            if self.out_dir is not None:
+                from wsolbench.checkpoint import save_tensors
+
+                save_tensors(self.best_state, self.out_dir / BEST_HEAD_FILE)
+
+    def finish(self, history: list[dict]) -> dict:
+        """Load the selected head; return (and write beside the checkpoints) what was selected and why."""
+        scored = [(i, r[self.key]) for i, r in enumerate(history) if self.key in r]
+        if not scored:
+            reason = "selection.metric is last" if self.metric == "last" else "no val split given"
+            result = {"metric": "last", "epoch": len(history), "reason": reason}
+        else:
+            best_i, best = max(scored, key=lambda iv: iv[1])  # the first of equal scores
+            state = self.best_state if self.best_value == best else None
+            if state is None and self.out_dir is not None and (self.out_dir / BEST_HEAD_FILE).is_file():
+                from wsolbench.checkpoint import load_tensors
+
+                state = load_tensors(self.out_dir / BEST_HEAD_FILE)  # chosen before a resume
+            if state is None:
+                raise RuntimeError(f"selection: the best head (epoch {best_i + 1}) was not kept; rerun without resume")
+            self.method.head.load_state_dict(state)
+            result = {"metric": self.metric, "split": "val", "images": len(self.val), "epoch": best_i + 1,
+                      "value": best, "per_epoch": {str(i + 1): v for i, v in scored},
+                      "map_size": int(self.cfg.get("map_size", 256))}
+        if self.out_dir is not None:
+            from wsolbench.io import write_json
+
+            write_json(self.out_dir / SELECTION_FILE, result)
+        log.info("tedloc: model selection %s", result)
+        return result
 
 
 # ============================================================================ the method
@@ -466,6 +566,7 @@ class TeDLoc(Localizer):
         self.text_dim = self._text_dim(_deep_get(cfg, "clip"))
         self._build_head()
         self._pl_gradcam = None  # CLIP Grad-CAM kept only for inference.report_pseudo_labels
+        self._class_synonyms = None  # every name of each class (ILSVRC), read from the training set by fit
         self.to(device)
 
     # ---------------------------------------------------------------- construction helpers
@@ -491,9 +592,7 @@ class TeDLoc(Localizer):
             if source == "zoo":
                 return zoo.load_backbone("vit", scale, num_classes=0)
             return zoo.create_backbone("vit", scale, num_classes=0)
-        name = c.get("name")
-        if not name:
-            raise ValueError("encoder.name must name a timm model (e.g. eva02_large_patch14_448.mim_m38m_ft_in22k_in1k)")
+        name = encoder_name(c)
         if not c.get("pretrained", True):
             return _create_timm(name, self.input_size, pretrained=False, num_classes=0)
         from wsolbench import weights
@@ -539,25 +638,14 @@ class TeDLoc(Localizer):
             scale = c.get("scale") or "tiny"
             model, tok = zoo.load_clip(scale, device=self.device) if source == "zoo" else zoo.create_clip(scale)
             return model.to(self.device).eval(), tok
-        import open_clip
-
         from wsolbench import weights
 
         name, tag = c.get("name", "ViT-B-16"), c.get("pretrained", "openai")
         explicit = str(_user_path(c["weights"])) if c.get("weights") else None
-        try:
-            spec_name = weights._spec(name if tag == "openai" else f"{name}/{tag}").name
-        except KeyError:  # not in the project's catalogue: open_clip's own resolution (may download)
-            spec_name = None
-        if spec_name is not None:  # MissingWeightsError names the files, the places and the fetch command
+        try:  # THE CLIP loader (QuickGELU for OpenAI weights); MissingWeightsError names files, places, fetch
             return weights.load_open_clip(name, tag, path=explicit, device=self.device)
-        try:
-            model = open_clip.create_model(name, pretrained=explicit or tag, device=self.device)
-        except Exception as exc:
-            raise MissingWeightsError(
-                f"CLIP {name} ({tag}) weights for TeD-Loc's anchors and pseudo-labels not found "
-                f"({type(exc).__name__}: {exc}); set clip.weights=/path/to/open_clip/checkpoint") from exc
-        return model.eval(), open_clip.get_tokenizer(name)
+        except KeyError as exc:
+            raise ValueError(f"clip.name={name} clip.pretrained={tag}: {exc.args[0] if exc.args else exc}") from exc
 
     def clip_fingerprint(self, clip_model: nn.Module) -> str:
         h = hashlib.sha1()
@@ -613,12 +701,27 @@ class TeDLoc(Localizer):
         return anchors
 
     # ---------------------------------------------------------------- pseudo-labels
+    def background_words(self) -> tuple[list[str], list[str]]:
+        """(used, removed) CLIP-ES background words: with ``pseudo_labels.background_filter: classes`` the
+        configured words that name a class (its name or, once ``fit`` saw the dataset's ``class_synonyms``,
+        any synonym) are removed, as CLIP-ES does per dataset."""
+        from wsolbench.clip_gradcam import filter_background_words
+
+        p = _deep_get(self.config, "pseudo_labels")
+        words = [str(w) for w in (p.get("background_words") or [])]
+        mode = str(p.get("background_filter", "classes") or "none").lower()
+        if mode == "none":
+            return words, []
+        if mode != "classes":
+            raise ValueError(f"pseudo_labels.background_filter must be classes or none, got {mode!r}")
+        return filter_background_words(words, self.class_names, self._class_synonyms)
+
     def _gradcam(self, clip_model: nn.Module, tokenizer: Any):
         from wsolbench.clip_gradcam import ClipGradCAM
 
         p = _deep_get(self.config, "pseudo_labels")
         return ClipGradCAM(clip_model, tokenizer, self.class_names, prompt=p.get("prompt") or "a clean origami {}.",
-                           background_words=list(p.get("background_words") or []),
+                           background_words=self.background_words()[0],
                            input_size=p.get("clip_input_size") or None, device=self.device,
                            readable_names=bool(p.get("readable_names", True)))
 
@@ -628,7 +731,7 @@ class TeDLoc(Localizer):
         return {"version": PSEUDO_LABEL_VERSION, "clip": {k: c.get(k) for k in ("source", "name", "pretrained",
                                                                                 "weights", "scale")},
                 "clip_fingerprint": self.clip_fingerprint(clip_model), "prompt": p.get("prompt"),
-                "background_words": list(p.get("background_words") or []),
+                "background_words": self.background_words()[0],
                 "clip_input_size": p.get("clip_input_size"), "readable_names": p.get("readable_names", True),
                 "class_names": list(self.class_names)}
 
@@ -696,7 +799,7 @@ class TeDLoc(Localizer):
         return TeDLocTrainSet(dataset, cam_paths, resize=int(t.get("resize_size") or crop), crop=crop,
                               flip=bool(t.get("flip", True)), mean=self.mean, std=self.std, grid=self.grid,
                               n_fg=int(s.get("n_fg", 0) or 0), n_bg=int(s.get("n_bg", 0) or 0),
-                              per_step=int(s.get("per_step", 16)),
+                              per_step=int(s.get("per_step", 16)), bg_fraction=float(s.get("bg_fraction", 1.0)),
                               erosion=erosion_on_grid(int(s.get("erosion_kernel", 1) or 1), self.input_size,
                                                       self.grid[0]))
 
@@ -748,6 +851,9 @@ class TeDLoc(Localizer):
                                  "set has no class_names")
             self._build_head()
             self.to(self.device)
+        self._class_synonyms = getattr(train_data, "class_synonyms", None)
+        used, removed = self.background_words()
+        log.info("tedloc: CLIP-ES background words %s (removed as class names: %s)", used, removed)
         clip_model, tokenizer = self.load_clip()
         self.build_anchors(clip_model, tokenizer)
         cam_paths = self.compute_pseudo_labels(train_data, clip_model, tokenizer, out_dir=out_dir, progress=progress)
@@ -757,17 +863,38 @@ class TeDLoc(Localizer):
         opt, sched = self.make_optimizer()
         seed = int(t.get("seed", 0))
         bs = int(t.get("batch_size", 16))
-        loop = TrainLoop(Path(out_dir) if out_dir is not None else None, epochs=int(t.get("epochs", 1)),
+        out = Path(out_dir) if out_dir is not None else None
+        selector = ValSelection(self, val_data, _deep_get(self.config, "selection"), int(t.get("epochs", 1)), out)
+        loop = TrainLoop(out, epochs=int(t.get("epochs", 1)),
                          modules={"head": self.head}, optimizer=opt, scheduler=sched, progress=progress,
                          desc="tedloc", grad_clip=t.get("grad_clip"),
-                         max_steps_per_epoch=t.get("max_steps_per_epoch"))
+                         max_steps_per_epoch=t.get("max_steps_per_epoch"), on_epoch_end=selector.on_epoch_end)
         history = loop.run(lambda epoch: make_loader(train_set, None, batch_size=bs, shuffle=True, seed=seed,
                                                      epoch=epoch, drop_last=len(train_set) > bs,
                                                      num_workers=int(t.get("num_workers", 0))),
                            self.training_step, resume=resume)
+        selection = selector.finish(history)
         self.head.trained.fill_(1)
         self.head.eval()
-        return {"history": history, "pseudo_label_dir": str(cam_paths[0].parent.parent) if cam_paths else None}
+        return {"history": history, "selection": selection, "background_words": dict(zip(
+                    ("used", "removed"), self.background_words())),
+                "pseudo_label_dir": str(cam_paths[0].parent.parent) if cam_paths else None}
+
+    @torch.no_grad()
+    def box_accuracy(self, dataset: Any, metric: str, map_size: int, batch_size: int = 32) -> float:
+        """GT-known MaxBoxAcc (δ = 50, largest box) or MaxBoxAccV2 (mean over δ 30/50/70, all boxes) of the
+        ``g`` maps on ``dataset``, maps prepared as in wsolevaluation at ``map_size``² (model selection)."""
+        from wsolbench.metrics import MaxBoxAcc, prepare_map
+
+        if metric not in SELECTION_METRICS:
+            raise ValueError(f"selection.metric must be one of {', '.join(SELECTION_METRICS)}, got {metric!r}")
+        scorer = MaxBoxAcc((30, 50, 70), 0.01, multi_contour=metric == "maxboxacc_v2")
+        for start in range(0, len(dataset), batch_size):
+            samples = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
+            out = self.localize([s.load_image() for s in samples], classes=[int(s.label) for s in samples])
+            maps = [prepare_map(m[0], (map_size, map_size)) for m in out.maps]
+            scorer.update(maps, [np.asarray(s.boxes) for s in samples], image_sizes=[s.size for s in samples])
+        return float(scorer.compute()[metric])
 
     # ---------------------------------------------------------------- inference
     @torch.no_grad()

@@ -101,7 +101,7 @@ def test_otsu_candidates_lie_in_the_right_regions():
     region, core = T.otsu_regions(cam, erosion=3)
     assert region[5:13, 6:14].all() and region.sum() == 64
     assert core.sum() == 36 and core[6:12, 7:13].all()  # 3×3 erosion of the 8×8 square
-    fg, bg = T.fg_bg_candidates(cam, n_fg=10, n_bg=30, erosion=3)
+    fg, bg = T.fg_bg_candidates(cam, n_fg=10, n_bg=30, erosion=3, bg_fraction=1.0)
     assert len(fg) == 10 and len(bg) == 30
     inside = np.zeros_like(region)
     inside[5:13, 6:14] = True
@@ -109,13 +109,37 @@ def test_otsu_candidates_lie_in_the_right_regions():
     assert not inside.ravel()[bg].any()
     assert cam.ravel()[fg].min() >= cam.ravel()[np.flatnonzero(core)].max() - 0.2  # the top activations
     assert bg[0] == 0  # the lowest cell first
-    fg_all, bg_all = T.fg_bg_candidates(cam)  # 0 = every cell of the sets
+    fg_all, bg_all = T.fg_bg_candidates(cam, 0, 0, 1, 1.0)  # 0 = every cell of the sets
     assert len(fg_all) == 64 and len(bg_all) == 400 - 64
+
+
+def test_background_comes_from_the_lowest_fraction_and_the_rest_is_unlabelled():
+    """F-CAM/DiPS: BG only among the lowest 20% of cells; top-n⁺ / bottom-n⁻ keep the extremes; every other
+    cell is in neither set. The paper profile's config states these defaults."""
+    cam = _square_cam()  # 400 cells: 64 in the Otsu region, 336 below it
+    fg, bg = T.fg_bg_candidates(cam, 0, 0, 1, 0.2)
+    assert len(fg) == 64 and len(bg) == 80  # the lowest 20% of 400 cells, all outside the region
+    assert cam.ravel()[bg].max() <= np.sort(cam.ravel())[79]
+    labelled = np.zeros(400, bool)
+    labelled[fg] = labelled[bg] = True
+    assert (~labelled).sum() == 400 - 64 - 80  # unlabelled: the middle of the map
+    top, bottom = T.fg_bg_candidates(cam, 5, 7, 1, 0.2)
+    np.testing.assert_array_equal(top, fg[:5])  # the n⁺ highest, highest first
+    np.testing.assert_array_equal(bottom, bg[:7])  # the n⁻ lowest, lowest first
+    assert cam.ravel()[top].min() >= np.sort(cam.ravel()[fg])[-5] and cam.ravel()[bottom].max() <= np.sort(cam.ravel())[6]
+    wide = np.zeros((10, 10), np.float32)
+    wide[:, 2:] = np.linspace(0.5, 1, 80).reshape(10, 8)  # FG covers 80% of the map ...
+    fg_w, bg_w = T.fg_bg_candidates(wide, 0, 0, 1, 0.5)
+    assert set(bg_w.tolist()) <= set(np.flatnonzero(wide.ravel() == 0).tolist())  # ... BG stays outside it
+    with pytest.raises(ValueError, match="bg_fraction"):
+        T.fg_bg_candidates(cam, 0, 0, 1, 0.0)
+    paper = load_method_config("tedloc", "paper", "cub")["sampling"]
+    assert paper["bg_fraction"] == 0.2
 
 
 def test_balanced_sampling_resamples_and_pads():
     cam = _square_cam()
-    fg, bg = T.fg_bg_candidates(cam, n_fg=12, n_bg=0, erosion=1)
+    fg, bg = T.fg_bg_candidates(cam, n_fg=12, n_bg=0, erosion=1, bg_fraction=1.0)
     g = torch.Generator().manual_seed(0)
     f1, b1 = T.sample_balanced(fg, bg, 8, g)
     assert (f1 >= 0).sum() == (b1 >= 0).sum() == 8
@@ -125,7 +149,7 @@ def test_balanced_sampling_resamples_and_pads():
     f3, b3 = T.sample_balanced(fg, bg, 20, g)  # fewer FG candidates than asked: still equal numbers
     assert (f3 >= 0).sum() == (b3 >= 0).sum() == 12 and (f3 == -1).sum() == 8
     flat = np.zeros((10, 10), np.float32)  # constant map: no FG, nothing sampled
-    fg0, bg0 = T.fg_bg_candidates(flat)
+    fg0, bg0 = T.fg_bg_candidates(flat, 0, 0, 1, 0.2)
     assert len(fg0) == len(bg0) == 0
     f4, b4 = T.sample_balanced(fg0, bg0, 4)
     assert (f4 == -1).all() and (b4 == -1).all()
@@ -291,7 +315,13 @@ def test_paper_profile_config_and_missing_weights(isolated_env, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cub = load_method_config("tedloc", "paper", "cub")
     ils = load_method_config("tedloc", "paper", "ilsvrc")
-    assert cub["encoder"]["source"] == "timm" and "eva" in cub["encoder"]["name"]
+    assert cub["encoder"]["source"] == "timm" and cub["encoder"]["variant"] == "eva01-l-196"
+    assert T.encoder_name(cub["encoder"]) == "eva_large_patch14_196.in22k_ft_in22k_in1k"  # EVA-01, as the paper cites
+    assert T.encoder_name({"variant": "eva02-l-448"}).startswith("eva02_large_patch14_448")
+    assert T.encoder_name({"variant": "eva02-l-448", "name": "vit_large_patch14_clip_224"}) == "vit_large_patch14_clip_224"
+    with pytest.raises(ValueError, match="encoder.variant must be one of eva01-l-196"):
+        T.encoder_name({"variant": "eva-l"})
+    assert cub["selection"]["metric"] == "maxboxacc" and cub["selection"]["map_size"] == 256
     assert cub["clip"]["name"] == "ViT-B-16" and cub["train"]["optimizer"] == "sgd"
     assert (cub["train"]["epochs"], cub["train"]["batch_size"]) == (50, 16)
     assert (ils["train"]["epochs"], ils["train"]["batch_size"]) == (10, 32)
@@ -352,7 +382,7 @@ def test_paper_architecture_loads_a_448_checkpoint_at_224(isolated_env):
     ref = timm.create_model(name, pretrained=False, num_classes=0)
     file = isolated_env / "eva.safetensors"
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(file))
-    cfg = load_method_config("tedloc", "paper", "cub", [f"encoder.weights={file}"])
+    cfg = load_method_config("tedloc", "paper", "cub", ["encoder.variant=eva02-l-448", f"encoder.weights={file}"])
     m = T.TeDLoc.from_config(cfg, class_names=[f"c{i}" for i in range(200)])
     assert m.encoder.grid == (16, 16) and m.grid == (64, 64) and m.text_dim == 512
     got, want = m.encoder.model.state_dict(), ref.state_dict()
@@ -362,3 +392,128 @@ def test_paper_architecture_loads_a_448_checkpoint_at_224(isolated_env):
     assert m.mean == tuple(float(v) for v in ref.pretrained_cfg["mean"])
     feats = m.encoder(torch.zeros(1, 3, 224, 224))
     assert feats.shape == (1, 1024, 16, 16)
+
+
+# ------------------------------------------------------------------------------- background words
+def test_background_words_that_name_a_class_are_removed_on_real_imagenet_names():
+    """CLIP-ES's VOC list on ILSVRC: words inside class names or synonyms ("computer keyboard", "crash helmet",
+    "street sign", "suspension bridge", "valley, vale", "lakeside", "seashore") go, the others stay."""
+    from wsolbench.clip_gradcam import CLIP_ES_BACKGROUND, filter_background_words
+    from wsolbench.datasets.ilsvrc import timm_imagenet_mapping
+
+    mapping = timm_imagenet_mapping()
+    if mapping is None:
+        pytest.skip("timm's ImageNet synset table is not installed")
+    _, synonyms = mapping
+    names = [s[0] for s in synonyms]
+    kept, removed = filter_background_words(CLIP_ES_BACKGROUND, names, synonyms)
+    assert {"keyboard", "helmet", "sign", "bridge", "valley", "lake", "sea", "tree", "house", "rock"} <= set(removed)
+    assert kept == ["sky", "railway", "railroad", "cloud", "road"]  # "husky" and "rocky" are not "sky"/"rock" scenes
+    names_only, _ = filter_background_words(CLIP_ES_BACKGROUND, names)
+    assert "ocean" in names_only  # only a synonym ("liner, ocean liner") names it: synonyms matter
+    assert filter_background_words(["grass", "sky"], ["001.Grasshopper_Sparrow"]) == (["sky"], ["grass"])
+
+
+def test_fit_uses_the_filtered_words_from_the_training_set_synonyms(isolated_env, monkeypatch):
+    data = _Scenes(isolated_env / "scenes", n=4)
+    data._class_synonyms = [("star", "sea star"), ("heart",), ("ring",), ("cross", "crossroad")]
+    m = T.TeDLoc.from_config(micro_cfg('pseudo_labels.background_words=[sea, sky, road, ring, cloud]'),
+                             class_names=NAMES)
+    class Stop(Exception):
+        pass
+
+    def stop(self, *args):
+        raise Stop
+
+    monkeypatch.setattr(T.TeDLoc, "make_train_set", stop)
+    with pytest.raises(Stop):  # stop after the pseudo-labels
+        m.fit(data, out_dir=isolated_env / "run", progress=False)
+    assert m.background_words() == (["sky", "cloud"], ["sea", "road", "ring"])  # synonyms "sea star", "crossroad"
+    settings = next((isolated_env / "cache").rglob("settings.json"))
+    import json
+
+    assert json.loads(settings.read_text())["background_words"] == ["sky", "cloud"]
+    off = T.TeDLoc.from_config(micro_cfg('pseudo_labels.background_words=[sea, ring]',
+                                         "pseudo_labels.background_filter=none"), class_names=NAMES)
+    assert off.background_words() == (["sea", "ring"], [])
+
+
+# ------------------------------------------------------------------------------- model selection
+def test_box_accuracy_scores_the_g_maps_against_the_boxes(method, isolated_env, monkeypatch):
+    """Maps equal to each GT box score 100; maps in the opposite corner score 0 (boxes scaled from each
+    image's original size to the map size)."""
+    data = _Scenes(isolated_env / "scenes", n=4)
+
+    def boxes_as_maps(flip):
+        def localize(self, images, classes=None, texts=None, meta=None):
+            maps = torch.zeros(len(images), 1, 48, 48)
+            for i, img in enumerate(images):
+                sample = next(s for s in data.samples if np.array_equal(np.asarray(s.load_image()), np.asarray(img)))
+                x0, y0, x1, y1 = (int(v) for v in sample.boxes[0])
+                if flip:  # a small square in the corner farthest from the box
+                    far_y, far_x = (0 if y0 + y1 > 48 else 44), (0 if x0 + x1 > 48 else 44)
+                    maps[i, 0, far_y:far_y + 4, far_x:far_x + 4] = 1.0
+                else:
+                    maps[i, 0, y0:y1 + 1, x0:x1 + 1] = 1.0
+            return T.LocalizerOutput(maps=maps, classes=[[c] for c in classes])
+        return localize
+
+    monkeypatch.setattr(T.TeDLoc, "localize", boxes_as_maps(False))
+    assert method.box_accuracy(data, "maxboxacc", 64) == 100.0
+    assert method.box_accuracy(data, "maxboxacc_v2", 64) == 100.0
+    monkeypatch.setattr(T.TeDLoc, "localize", boxes_as_maps(True))
+    assert method.box_accuracy(data, "maxboxacc", 64) == 0.0
+    with pytest.raises(ValueError, match="selection.metric"):
+        method.box_accuracy(data, "top1", 64)
+
+
+def test_fit_keeps_the_head_of_the_best_val_epoch_and_records_it(isolated_env, monkeypatch):
+    data = _Scenes(isolated_env / "scenes", n=8)
+    val = _Scenes(isolated_env / "val", n=4)
+    scores, heads = iter([10.0, 30.0, 20.0]), []
+
+    def fake_score(self, dataset, metric, map_size, batch_size=32):
+        assert dataset is val and metric == "maxboxacc" and map_size == 256
+        heads.append({k: v.clone() for k, v in self.head.state_dict().items()})
+        return next(scores)
+
+    monkeypatch.setattr(T.TeDLoc, "box_accuracy", fake_score)
+    m = T.TeDLoc.from_config(micro_cfg("train.epochs=3"), class_names=NAMES)
+    res = m.fit(data, val_data=val, out_dir=isolated_env / "run", progress=False)
+    assert [r["val_maxboxacc"] for r in res["history"]] == [10.0, 30.0, 20.0]
+    assert res["selection"]["epoch"] == 2 and res["selection"]["value"] == 30.0
+    import json
+
+    assert json.loads((isolated_env / "run" / "selection.json").read_text())["epoch"] == 2
+    for k, v in m.head.state_dict().items():
+        if k != "trained":
+            torch.testing.assert_close(v, heads[1][k])
+    assert any(not torch.equal(v, heads[2][k]) for k, v in m.head.state_dict().items() if v.is_floating_point())
+    # a resumed run (all epochs done) selects the same epoch from the saved best head
+    m2 = T.TeDLoc.from_config(micro_cfg("train.epochs=3"), class_names=NAMES)
+    res2 = m2.fit(data, val_data=val, out_dir=isolated_env / "run", resume=True, progress=False)
+    assert res2["selection"]["epoch"] == 2
+    for k, v in m2.head.state_dict().items():
+        torch.testing.assert_close(v, m.head.state_dict()[k])
+    # without a val split: the last epoch, said so
+    m3 = T.TeDLoc.from_config(micro_cfg("train.epochs=1"), class_names=NAMES)
+    assert m3.fit(data, progress=False)["selection"] == {"metric": "last", "epoch": 1, "reason": "no val split given"}
+
+
+def test_openai_clip_comes_from_the_shared_loader(method, monkeypatch):
+    """TeD-Loc's CLIP (anchors, pseudo-labels) is built by wsolbench.weights.load_open_clip, the one loader
+    that gives OpenAI weights QuickGELU; a name outside the catalogue is a one-line error, not a download."""
+    from wsolbench import weights
+
+    calls = []
+    monkeypatch.setattr(weights, "load_open_clip", lambda *a, **k: calls.append((a, k)) or ("model", "tok"))
+    method.config["clip"] = {**method.config["clip"], "source": "open_clip", "name": "ViT-B-16",
+                             "pretrained": "openai", "weights": None}
+    assert method.load_clip() == ("model", "tok")
+    assert calls == [(("ViT-B-16", "openai"), {"path": None, "device": "cpu"})]
+    def unknown(*args, **kwargs):
+        raise KeyError("unknown model")
+
+    monkeypatch.setattr(weights, "load_open_clip", unknown)
+    with pytest.raises(ValueError, match="clip.name=ViT-B-16 clip.pretrained=openai: unknown model"):
+        method.load_clip()

@@ -43,6 +43,44 @@ def readable_class_name(name: str) -> str:
     return name.replace("_", " ").strip() or str(name)
 
 
+# a background word joined to another word of at least this many letters is a compound that names the word's
+# scene ("lakeside", "seashore", "greenhouse"); shorter rests are endings ("rocky", "wallet", "husky")
+COMPOUND_REST = 4
+
+
+def _words(text: str) -> list[str]:
+    """Every word of a class name, all its comma-separated synonyms included ("001.Black_footed_Albatross")."""
+    return re.findall(r"[a-z]+", re.sub(r"^\d+[._ ]", "", str(text).strip()).replace("_", " ").lower())
+
+
+def collides(word: str, name_words: set[str]) -> bool:
+    """Whether background ``word`` names (part of) a class: it is one of the class-name words (or their
+    plural), or a compound of it with another word of ``COMPOUND_REST``+ letters starts or ends with it."""
+    w = word.lower().strip()
+    for t in name_words:
+        if t in (w, w + "s", w + "es"):
+            return True
+        rest = len(t) - len(w)
+        if rest >= COMPOUND_REST and (t.startswith(w) or t.endswith(w)):
+            return True
+    return False
+
+
+def filter_background_words(words: Sequence[str], class_names: Sequence[str],
+                            synonyms: Sequence[Sequence[str]] | None = None) -> tuple[list[str], list[str]]:
+    """(kept, removed) background words: CLIP-ES drops, per dataset, the words that name a class (a "keyboard"
+    background would suppress ImageNet's "computer keyboard"). Checked against every class name and, when
+    given, every synonym of every class (``ILSVRC.class_synonyms``)."""
+    name_words: set[str] = set()
+    for k, name in enumerate(class_names):
+        for text in [name, *((synonyms[k] or ()) if synonyms is not None else ())]:
+            name_words.update(_words(str(text)))
+    kept, removed = [], []
+    for w in words:
+        (removed if collides(str(w), name_words) else kept).append(str(w))
+    return kept, removed
+
+
 @torch.no_grad()
 def encode_texts(clip_model: nn.Module, tokenizer: Any, texts: Sequence[str], device: str | torch.device = "cpu",
                  batch_size: int = 256) -> torch.Tensor:
