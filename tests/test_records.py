@@ -119,3 +119,48 @@ def test_map_path_keeps_id_folders_and_refuses_escapes(tmp_path):
     p = records.map_path(tmp_path, "default", "001.star/a b.jpg")
     assert p == tmp_path / "default" / "001.star" / "a_b.jpg.png"
     assert records.map_path(tmp_path, "v", "../../etc/x", "_c3") == tmp_path / "v" / "etc" / "x_c3.png"
+
+
+def test_fixed_box_outcome_is_the_fixed_tau_metric():
+    """A fixed-τ box protocol (GenPromp's uint8 rule): the record's box and hit from the stored 8-bit map are
+    the metric's, image by image (hits and misses both occur)."""
+    from wsolbench.metrics import FixedBoxAccuracy
+    from wsolbench.metrics.fixed_box import contour_box
+
+    rng = np.random.default_rng(5)
+    outcomes = []
+    yy, xx = np.mgrid[:64, :64]
+    for k in range(12):
+        x0, y0 = rng.integers(0, 40, 2)
+        gt = np.array([[x0, y0, x0 + 20, y0 + 20]])
+        cx, cy = (x0 + 10, y0 + 10) if k % 2 else rng.integers(0, 64, 2)  # a blob on the object, or anywhere
+        m = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * 7.0 ** 2)) + 0.3 * cv2.GaussianBlur(
+            rng.random((64, 64)), (0, 0), 3)
+        m = (m - m.min()) / (m.max() - m.min())
+        metric = FixedBoxAccuracy(0.23, gray="uint8", gt_known_op=">=")
+        metric.update([m], [gt])
+        out = records.fixed_box_outcome(records.quantize(m), gt, metric)
+        assert out["boxes"] == [list(contour_box(m, 0.23, "uint8"))]
+        assert out["hit"]["50"] == bool(metric.compute()["gt_known_loc"])
+        outcomes.append(out["hit"]["50"])
+    assert any(outcomes) and not all(outcomes)
+
+
+def test_pointing_records_are_the_pointing_game_per_class(random_run):
+    """The TorchRay pointing game (synthetic VOC): per class, the records' hits are the metric's counts."""
+    from dataclasses import replace
+
+    from wsolbench.registry import create_dataset
+    from wsolbench.viz import pointing_per_class
+
+    spec, _ = random_run
+    res = run(replace(spec, dataset="synthetic-voc", protocol="torchray-pointing", limit=6))
+    recs = records.read(res.run_dir)
+    assert len(recs) == 6 and all(set(r["variants"]["default"]["points"]) == {str(c) for c in r["classes"]}
+                                  for r in recs)
+    per_class = pointing_per_class(recs)
+    result = res.record["results"]["default"]
+    assert sum(len(r["classes"]) for r in recs) == result["pointing_pairs"]
+    assert len(per_class) == result["pointing_classes_evaluated"]
+    n_classes = create_dataset("synthetic-voc", split="test").num_classes  # TorchRay: unseen classes count 0
+    assert sum(per_class.values()) / n_classes == pytest.approx(result["pointing_game"])

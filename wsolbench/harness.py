@@ -27,7 +27,7 @@ from .distributed import DistributedError, World, barrier, current as current_wo
 from .distributed import describe as describe_parallel, init as init_world, rank_device, training_mode
 from .io import atomic_path, write_json, write_text
 from .pipeline import EvalOptions, check_amp, default_workers, scored_batches
-from .records import MAPS_DIR, dense_records, image_records, phrase_record
+from .records import MAPS_DIR, dense_records, image_records, phrase_record, pointing_records
 from .records import finish as finish_records
 from .registry import DATASETS, METHODS, create_dataset, get_method_class
 
@@ -418,6 +418,7 @@ class _PointingEvaluator(_Evaluator):
         out = localize(self.method, [images[i] for i, _ in pairs], [samples[i] for i, _ in pairs],
                        classes=[c for _, c in pairs])
         batch: dict[str, dict[str, Any]] = {}
+        scored: dict[str, dict[int, tuple]] = {}  # variant -> pair -> (map, GT), for the per-image records
         for variant, arr in _maps_by_variant(out).items():
             mets = self.fresh(arr[:, :1])
             for k, (i, c) in enumerate(pairs):
@@ -429,13 +430,14 @@ class _PointingEvaluator(_Evaluator):
                     continue
                 m = resize_bilinear(arr[k, 0], (w, h))
                 mets["all"].update([m], [gt], [c])
+                scored.setdefault(variant, {})[k] = (m, gt)
                 if self.flags is not None:
                     if s.image_id in self.flags and not self.flags[s.image_id][c]:
                         mets["skips"].update(easy=1)
                     else:
                         mets["difficult"].update([m], [gt], [c])
             batch[variant] = mets
-        return batch, records
+        return batch, pointing_records(samples, pairs, scored, lambda: self.new_metrics()["all"], self.maps_dir)
 
     def summarize(self, mets, policy):
         res: dict[str, Any] = {"pointing_game": None, "pointing_game_difficult": None}
@@ -826,11 +828,7 @@ def _build_method(name: str, cfg: dict, dataset: Any, spec: RunSpec, hcfg: dict,
     ckpt = run_dir / "checkpoint"
     if cls.needs_training and (ckpt / "model.safetensors").exists():
         return cls.load(ckpt, device=spec.device)  # training finished in an earlier (interrupted) run
-    import inspect  # a method that reads every name of a class (GenPromp's meta token) gets the dataset's
-
-    wants = "class_synonyms" in inspect.signature(cls.from_config).parameters
-    method = cls.from_config(cfg, class_names=dataset.class_names, device=spec.device,
-                             **({"class_synonyms": dataset.class_synonyms} if wants else {}))
+    method = cls.from_config(cfg, class_names=dataset.class_names, device=spec.device)
     if cls.needs_training:
         train = _open_dataset(DATASETS.canonical(spec.dataset), spec.train_split, spec.data_root, hcfg)
         val = None

@@ -183,6 +183,42 @@ def _image_miou_curve(state: dict[str, np.ndarray]) -> np.ndarray:
     return 100 * np.nanmean(iou, axis=1)
 
 
+def pointing_records(samples: Sequence[Any], pairs: Sequence[tuple[int, int]], scored: dict[str, dict[int, tuple]],
+                     metric_factory: Any, maps_dir: Path | None) -> list[dict]:
+    """One record per image of a pointing-game batch: its classes, and per variant and scored class the
+    pointing point and whether the game counts it a hit (a one-pair ``PointingGame``: ``metric_factory()``).
+    ``scored[variant][k]`` = (map at the image's size, GT) of pair ``k`` = (image index, class); pairs the
+    game skips are absent. GT boxes are kept per class; a GT mask (COCO) is written as ``gt/<id>_c<k>.png``."""
+    out = []
+    for i, s in enumerate(samples):
+        mine = [(k, c) for k, (j, c) in enumerate(pairs) if j == i]
+        rec: dict[str, Any] = {"image_id": s.image_id, "classes": [c for _, c in mine], "path": str(s.image_path),
+                               "variants": {}}
+        for variant, by_pair in scored.items():
+            v: dict[str, Any] = {"points": {}, "point_hits": {}}
+            for k, c in mine:
+                if k not in by_pair:
+                    continue
+                m, gt = by_pair[k]
+                game = metric_factory()
+                game.update([m], [gt], [c])
+                v["points"][str(c)] = _point(m)
+                v["point_hits"][str(c)] = bool(game.state_dict()["hits"].sum())
+                if maps_dir is not None:
+                    lo, hi = float(m.min()), float(m.max())
+                    save_map(map_path(maps_dir, variant, s.image_id, f"_c{c}"),
+                             quantize((m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)))
+                g = np.asarray(gt)
+                if g.ndim == 2 and g.shape == m.shape:
+                    if maps_dir is not None:
+                        save_map(map_path(maps_dir, "gt", s.image_id, f"_c{c}"), g.astype(np.uint8) * 255)
+                else:
+                    rec.setdefault("gt_boxes_by_class", {})[str(c)] = g.reshape(-1, 4).tolist()
+            rec["variants"][variant] = v
+        out.append(rec)
+    return out
+
+
 def phrase_record(sample: Any, entity: Any, maps: dict[str, np.ndarray], maps_dir: Path | None) -> dict:
     """One record per (image, entity): the phrases, GT boxes (original pixels), and per variant the pointing
     point, whether it hits a GT box (``PhrasePointing``) and WWbL's predicted box."""
@@ -313,7 +349,8 @@ def box_result(v: dict) -> dict | None:
 
 def failure_key(record: dict, variant: str = "default") -> float:
     """Sort key putting the worst-localised images first: the best IoU at the chosen τ (boxes), the pixel
-    IoU (masks), the mIoU (dense), pointing hit (phrases); records without a score sort last."""
+    IoU (masks), the mIoU (dense), pointing hit (phrases) or share of hits (pointing game); records without a
+    score sort last."""
     v = record.get("variants", {}).get(variant, {})
     box = box_result(v)
     if box is not None:
@@ -323,6 +360,8 @@ def failure_key(record: dict, variant: str = "default") -> float:
             return float(v[key])
     if "point_hit" in v:
         return float(v["point_hit"])
+    if v.get("point_hits"):
+        return float(np.mean(list(v["point_hits"].values())))
     return float("inf")
 
 

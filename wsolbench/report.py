@@ -97,8 +97,9 @@ def _map(run: Run, variant: str, r: dict) -> np.ndarray | None:
     root = run.path / rec_mod.MAPS_DIR
     if "entity" in r:
         return rec_mod.load_map(rec_mod.map_path(root, variant, r["image_id"], f"_e{r['entity']}"))
-    if "labels" in r and "label" not in r:
-        maps = [rec_mod.load_map(rec_mod.map_path(root, variant, r["image_id"], f"_c{c}")) for c in r["labels"]]
+    classes = r.get("classes", r.get("labels") if "label" not in r else None)  # pointing game / dense
+    if classes is not None:
+        maps = [rec_mod.load_map(rec_mod.map_path(root, variant, r["image_id"], f"_c{c}")) for c in classes]
         maps = [m for m in maps if m is not None]
         return np.max(maps, axis=0) if maps else None
     return rec_mod.load_map(rec_mod.map_path(root, variant, r["image_id"]))
@@ -107,10 +108,15 @@ def _map(run: Run, variant: str, r: dict) -> np.ndarray | None:
 def _gt(run: Run, r: dict) -> Any:
     if "gt_boxes" in r:
         return np.asarray(r["gt_boxes"])
-    g = rec_mod.load_map(rec_mod.map_path(run.path / rec_mod.MAPS_DIR, "gt", r["image_id"]))
-    if g is None:
+    if "gt_boxes_by_class" in r:
+        return np.concatenate([np.asarray(b).reshape(-1, 4) for b in r["gt_boxes_by_class"].values()])
+    root = run.path / rec_mod.MAPS_DIR
+    suffixes = [f"_c{c}" for c in r["classes"]] if "classes" in r else [""]
+    masks = [g for g in (rec_mod.load_map(rec_mod.map_path(root, "gt", r["image_id"], x)) for x in suffixes)
+             if g is not None]
+    if not masks:
         return None
-    return (g > 0) & (g != 255)  # a mask (255) or a label map: the foreground outline
+    return np.any([(g > 0) & (g != 255) for g in masks], axis=0)  # masks (255) or a label map: foreground
 
 
 def _caption(r: dict, v: dict) -> str:
@@ -125,6 +131,8 @@ def _caption(r: dict, v: dict) -> str:
         parts.append(f"mIoU {v['miou']:.1f}")
     if "point_hit" in v and o is None:
         parts.append("point hit" if v["point_hit"] else "point miss")
+    if v.get("point_hits"):
+        parts.append(f"points hit {sum(v['point_hits'].values())}/{len(v['point_hits'])}")
     if "pred_class" in r:
         parts.append(f"pred {r['pred_class']} ({r['pred_score']:.2f})")
     if v.get("health", {}).get("constant") or v.get("health", {}).get("nonfinite"):

@@ -134,12 +134,15 @@ def _load_run(run: Any) -> tuple[dict, dict, list]:
 
 
 def pointing_per_class(recs: Sequence[dict], variant: str = "default") -> dict[int, float]:
-    """Pointing accuracy (%) per class label: the share of a class's images whose map argmax lies in a GT box."""
+    """Pointing accuracy (%) per class: the share of a class's images whose map argmax hits its GT (a GT box
+    of the labelled class, or the pointing game's rule per class in the image)."""
     hits: dict[int, list[bool]] = {}
     for r in recs:
         v = r.get("variants", {}).get(variant, {})
         if "point_hit" in v and "label" in r:
             hits.setdefault(int(r["label"]), []).append(bool(v["point_hit"]))
+        for c, h in v.get("point_hits", {}).items():  # the pointing game: one entry per (image, class)
+            hits.setdefault(int(c), []).append(bool(h))
     return {k: 100.0 * sum(h) / len(h) for k, h in sorted(hits.items())}
 
 
@@ -157,9 +160,10 @@ def curves(run_or_dataframe: Any, variant: str = "default") -> Any:
         ax.grid(alpha=0.3)
         return fig
     data, metrics, recs = _load_run(run_or_dataframe)
-    if variant not in data:
-        raise KeyError(f"{run_or_dataframe}: no variant {variant!r}; the run has {sorted(data)}")
-    panels = _panels(data[variant], metrics.get("results", {}).get(variant, {}), recs, variant)
+    results = metrics.get("results", {})
+    if variant not in data and variant not in results:
+        raise KeyError(f"{run_or_dataframe}: no variant {variant!r}; the run has {sorted(set(data) | set(results))}")
+    panels = _panels(data.get(variant, {}), results.get(variant, {}), recs, variant)
     if not panels:
         raise ValueError(f"{run_or_dataframe}: the run's metrics have no threshold curves or per-class pointing")
     fig = _figure(4.2 * len(panels), 3.4)
