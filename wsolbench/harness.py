@@ -828,7 +828,11 @@ def _build_method(name: str, cfg: dict, dataset: Any, spec: RunSpec, hcfg: dict,
     ckpt = run_dir / "checkpoint"
     if cls.needs_training and (ckpt / "model.safetensors").exists():
         return cls.load(ckpt, device=spec.device)  # training finished in an earlier (interrupted) run
-    method = cls.from_config(cfg, class_names=dataset.class_names, device=spec.device)
+    import inspect  # a method that reads every name of a class (GenPromp's meta token) gets the dataset's
+
+    wants = "class_synonyms" in inspect.signature(cls.from_config).parameters
+    method = cls.from_config(cfg, class_names=dataset.class_names, device=spec.device,
+                             **({"class_synonyms": dataset.class_synonyms} if wants else {}))
     if cls.needs_training:
         train = _open_dataset(DATASETS.canonical(spec.dataset), spec.train_split, spec.data_root, hcfg)
         val = None
