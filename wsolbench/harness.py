@@ -321,8 +321,18 @@ class _DenseEvaluator(_Evaluator):
                                   bg_thresholds=np.arange(start, stop, step))}
 
     def process(self, samples, images):
+        from itertools import groupby
+
         from wsolbench.metrics import normalize_per_class
 
+        runs = [list(g) for _, g in groupby(range(len(images)), key=lambda i: images[i].size)]
+        if self.protocol.map_size is None and len(runs) > 1:  # maps at each image's own size: one size per call
+            parts = [self.process([samples[i] for i in r], [images[i] for i in r]) for r in runs]
+            for part, _ in parts[1:]:
+                for variant, mets in part.items():
+                    for name, m in mets.items():
+                        parts[0][0][variant][name].merge(m)
+            return parts[0][0], [rec for _, recs in parts for rec in recs]
         out = localize(self.method, images, samples, classes=None)
         batch, dense_maps = {}, {}
         label_maps = [s.load_label_map() for s in samples]
