@@ -883,7 +883,8 @@ class TeDLoc(Localizer):
     @torch.no_grad()
     def box_accuracy(self, dataset: Any, metric: str, map_size: int, batch_size: int = 32) -> float:
         """GT-known MaxBoxAcc (δ = 50, largest box) or MaxBoxAccV2 (mean over δ 30/50/70, all boxes) of the
-        ``g`` maps on ``dataset``, maps prepared as in wsolevaluation at ``map_size``² (model selection)."""
+        method's maps (``inference.map``, g by default) on ``dataset``, prepared as in wsolevaluation at
+        ``map_size``² (model selection)."""
         from wsolbench.metrics import MaxBoxAcc, prepare_map
 
         if metric not in SELECTION_METRICS:
