@@ -209,3 +209,19 @@ def test_the_real_ebp_flag_file_parses(shared_fixtures):
 def test_coco_pointing_game_through_the_protocol_flag(isolated_env):
     rec = run(_spec(isolated_env, dataset="synthetic-coco", protocol="torchray-pointing", limit=6)).record
     assert rec["task"] == "pointing" and rec["results"]["default"]["pointing_pairs"] > 0
+
+
+def test_an_empty_openimages_foreground_counts_as_negatives_not_an_abort(isolated_env):
+    from PIL import Image
+
+    from wsolbench.registry import create_dataset
+
+    ds = create_dataset("synthetic-openimages", split="test")
+    root = isolated_env / "oi"
+    shutil.copytree(ds.root, root)
+    first = ds[0]
+    for mask in first.mask_paths:  # the first image's foreground masks become empty
+        target = root / mask.relative_to(ds.root)
+        Image.fromarray(np.zeros_like(np.asarray(Image.open(target)))).save(target)
+    res = run(_spec(isolated_env, dataset="synthetic-openimages", data_root=root, limit=4)).results["default"]
+    assert res["empty_foreground_images"] == 1 and res["pxap"] > 0
