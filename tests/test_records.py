@@ -103,7 +103,7 @@ def test_resume_keeps_the_records(random_run):
     again = run(replace(spec, resume=True))
     assert (again.run_dir / records.PER_IMAGE).read_text() == before
     tau = json.loads((again.run_dir / records.CURVES).read_text())["default"]["v1"]["tau"]
-    np.testing.assert_array_equal(tau, threshold_grid(res.record["metric_options"]["v1"]["cam_curve_interval"]))
+    np.testing.assert_allclose(tau, threshold_grid(res.record["metric_options"]["v1"]["cam_curve_interval"]), atol=1e-9)
 
 
 def test_worst_sorts_by_iou_at_the_chosen_tau(random_run):

@@ -47,7 +47,7 @@ def save_map(path: Path, u8: np.ndarray) -> None:
     import cv2
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), np.ascontiguousarray(u8)):
+    if not cv2.imwrite(str(path), np.ascontiguousarray(u8), [cv2.IMWRITE_PNG_COMPRESSION, 9]):
         raise OSError(f"cannot write map {path}")
 
 
@@ -138,12 +138,18 @@ def image_records(samples: Sequence[Any], out: Any, raw: dict[str, np.ndarray],
     return records
 
 
-def _pxap_hist(m: np.ndarray, fg: np.ndarray, ign: np.ndarray | None, interval: float) -> list[list[int]]:
+def _pxap_hist(m: np.ndarray, fg: np.ndarray, ign: np.ndarray | None, interval: float) -> str:
+    """The image's own PxAP histograms (foreground then background counts per bin), as base64 of zlib'd
+    int32 (a third of the JSON list's size: ~2 kB at the 0.001 grid), to travel in the shard."""
+    import base64
+    import zlib
+
     from wsolbench.metrics import PxAP
 
     px = PxAP(interval, allow_empty_gt=True)
     px.update([m], [fg], [ign])
-    return [px.state_dict()["fg_hist"].tolist(), px.state_dict()["bg_hist"].tolist()]
+    hist = np.stack([px.state_dict()["fg_hist"], px.state_dict()["bg_hist"]]).astype("<i4")
+    return base64.b64encode(zlib.compress(hist.tobytes(), 9)).decode("ascii")
 
 
 def dense_records(samples: Sequence[Any], per_class: dict[str, list[np.ndarray]], raw: dict[str, np.ndarray],
@@ -258,8 +264,8 @@ def finish(run_dir: Path, evaluator: Any, policies: Any = None) -> list[dict]:
                 continue
             chosen.setdefault(variant, {})[name] = m.compute(policy.for_metric(name) if policy else None)
             if hasattr(m, "curves"):
-                curves.setdefault(variant, {})[name] = {k: np.asarray(v, np.float64).tolist()
-                                                       for k, v in m.curves().items()}
+                curves.setdefault(variant, {})[name] = {k: np.round(np.asarray(v, np.float64), 6).tolist()
+                                                       for k, v in m.curves().items()}  # 6 decimals: plots
     maps_root = run_dir / MAPS_DIR
     for rec in records:
         for variant, v in rec.get("variants", {}).items():
@@ -325,12 +331,16 @@ def box_outcome(u: np.ndarray, gt: np.ndarray, result: dict, multi_contour: bool
     return out
 
 
-def _image_piou(hist: list[list[int]], metric: Any, tau: float) -> float:
+def _image_piou(packed: str, metric: Any, tau: float) -> float:
     """The image's own pixel IoU (%) at τ, by the metric's rule on its one-image histograms."""
+    import base64
+    import zlib
+
     from wsolbench.metrics import ThresholdPolicy
 
+    hist = np.frombuffer(zlib.decompress(base64.b64decode(packed)), "<i4").reshape(2, -1)
     one = type(metric)(metric.cam_curve_interval, allow_empty_gt=True)
-    one.load_state_dict({"fg_hist": np.asarray(hist[0]), "bg_hist": np.asarray(hist[1]), "count": np.asarray(1)})
+    one.load_state_dict({"fg_hist": hist[0], "bg_hist": hist[1], "count": np.asarray(1)})
     if not one.state_dict()["fg_hist"].any():
         return 0.0
     return round(float(one.compute(ThresholdPolicy.fixed({"piou": tau}))["piou"]), 4)
