@@ -212,3 +212,17 @@ def test_cam_and_the_baselines_need_no_optional_dependency(isolated_env):
             "print('ok')\n")
     out = _cli(isolated_env, code=code)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_type_check_accepts_what_python_callers_pass():
+    import numpy as np
+
+    from wsolbench.config import load_method_config
+
+    cfg = load_method_config("cam", "tiny", None, {"tiny.widths": (8, 16, 32, 32), "train.epochs": np.int64(3),
+                                                   "train.lr": 1, "train.nesterov": None})
+    assert cfg["train"]["epochs"] == 3 and cfg["train"]["lr"] == 1
+    for bad, expects in (({"train.epochs": True}, "an integer"), ({"tiny.widths": 3}, "a list"),
+                         ({"train.lr": {"a": 1}}, "a number")):
+        with pytest.raises(ConfigError, match=f"expects {expects}"):
+            load_method_config("cam", "tiny", None, bad)

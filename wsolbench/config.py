@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import numbers
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -96,36 +97,45 @@ def check_types(schema: Mapping, overlay: Mapping, where: str, _path: str = "") 
             if not isinstance(value, Mapping):
                 keys = list(map(str, expected))
                 shown = ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "") if keys else "any keys"
-                raise ConfigError(f"{where} {dotted}={show_value(value)}: {dotted!r} is a group of settings ({shown}); "
-                                  f"set one of them, e.g. {dotted}.<key>=<value>")
+                raise ConfigError(f"{where} {dotted}={show_value(value)}: {dotted!r} is a group of settings "
+                                  f"({shown}); set one of them, e.g. {dotted}.<key>=<value>")
             if expected:
                 check_types(expected, value, where, f"{dotted}.")
             continue
         wanted = _type_name(expected)
         if wanted is not None and not _type_ok(expected, value):
+            got = _type_name(value) or type(value).__name__
             raise ConfigError(f"{where} {dotted}={show_value(value)}: {dotted!r} expects {wanted} (default "
-                              f"{show_value(expected)}), got {show_value(value)} ({_type_name(value)})")
+                              f"{show_value(expected)}), got {show_value(value)} ({got})")
 
 
 def _type_name(value: Any) -> str | None:
-    for kind, name in ((bool, "a boolean (true/false)"), (int, "an integer"), (float, "a number"),
-                       (str, "a string"), (list, "a list, e.g. [1, 2]")):
+    for kind, name in ((bool, "a boolean"), (numbers.Integral, "an integer"), (numbers.Real, "a number"),
+                       (str, "a string"), ((list, tuple), "a list"), (Mapping, "a mapping")):
         if isinstance(value, kind):
             return name
     return None
 
 
 def _type_ok(expected: Any, value: Any) -> bool:
+    """Numbers by kind (numpy's too), a tuple where a list is expected (Python callers' overrides)."""
     if isinstance(expected, bool) or isinstance(value, bool):
         return isinstance(expected, bool) and isinstance(value, bool)
+    if isinstance(expected, int):
+        return isinstance(value, numbers.Integral)
     if isinstance(expected, float):
-        return isinstance(value, (int, float))
+        return isinstance(value, numbers.Real)
+    if isinstance(expected, list):
+        return isinstance(value, (list, tuple))
     return isinstance(value, type(expected))
 
 
 def show_value(value: Any) -> str:
     """A value as one line of YAML (flow style), as ``config show`` and the error messages print it."""
-    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+    try:
+        return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+    except yaml.YAMLError:  # e.g. a numpy scalar from a Python caller
+        return repr(value)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
