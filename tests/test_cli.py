@@ -226,3 +226,10 @@ def test_type_check_accepts_what_python_callers_pass():
                          ({"train.lr": {"a": 1}}, "a number")):
         with pytest.raises(ConfigError, match=f"expects {expects}"):
             load_method_config("cam", "tiny", None, bad)
+
+
+def test_unknown_protocol_exits_3_before_any_work(isolated_env, capsys):
+    assert cli.main(["run", "--method", "center", "--dataset", "synthetic-cub", "--protocol", "wsolevalution",
+                     "--out", str(isolated_env / "runs")]) == cli.EXIT_BAD_INPUT
+    assert "unknown protocol 'wsolevalution'" in capsys.readouterr().err
+    assert not (isolated_env / "cache").exists() and not (isolated_env / "runs").exists()

@@ -100,14 +100,18 @@ def zoo_building(allowed: bool) -> Iterator[None]:
 
 
 def check_run(method: str, dataset: str, profile: str, overrides: Sequence[str], checkpoint: Path | None = None,
-              build_zoo: bool = False) -> None:
-    """What can be checked before any work: the method and dataset names (without importing every method),
-    each ``--set`` key and value type against the config schema, and the zoo models a tiny profile needs.
+              build_zoo: bool = False, protocol: str | None = None) -> None:
+    """What can be checked before any work: the method, dataset and protocol names (without importing every
+    method), each ``--set`` key and value type against the config schema, and the zoo models a tiny profile needs.
     Raises the error the CLI turns into status 3 (bad input) or 4 (missing zoo)."""
     from .config import load_harness_config, load_method_config, split_overrides
     from .registry import DATASETS, METHODS
 
     method, dataset = METHODS.canonical(method), DATASETS.canonical(dataset)
+    if protocol is not None:
+        from .protocols import get_protocol
+
+        get_protocol(protocol)
     m_over, h_over = split_overrides(overrides)
     load_harness_config(h_over)
     dataset_key = getattr(DATASETS.get(dataset), "config_key", "") or dataset
@@ -122,7 +126,7 @@ def check_run(method: str, dataset: str, profile: str, overrides: Sequence[str],
 
 def cmd_run(args: argparse.Namespace) -> int:
     overrides = list(args.set) + ([f"harness.on_error={args.on_error}"] if args.on_error else [])
-    check_run(args.method, args.dataset, args.profile, overrides, args.checkpoint, args.build_zoo)
+    check_run(args.method, args.dataset, args.profile, overrides, args.checkpoint, args.build_zoo, args.protocol)
     from .harness import RunSpec, run  # after the checks: a bad name or value exits before numpy/torch load
     from .distributed import current as current_world
     from .leaderboard import build_tables, render
