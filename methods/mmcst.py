@@ -22,7 +22,7 @@ Architecture (``MMCSTNet``)
 Heads and losses (all multi-label soft margin, MLSM)
     * L_cls: class scores = output class tokens averaged over channels (MCTformer; final norm not applied);
     * token fusion with learnable scalars: T_txt = T_txt_in + λ1·T_txt_out, T_cls = T_cls_in + λ2·T_cls_out;
-    * patch tokens → ``patch_proj`` (3×3 conv, as MCTformer-V2's head, or linear) → F (B×N×D);
+    * patch tokens → ``patch_proj`` (linear, the paper's "linearly projected", or a 3×3 conv) → F (B×N×D);
       C_t2p = F·T_txtᵀ and C_c2p = F·T_clsᵀ (divided by √D so the logits start in a sane range — our choice,
       the paper does not say how the dot products are scaled), each pooled
       to class scores with global weighted ranking pooling (``gwrp``; decay 0.996, or GAP) → L_t2p, L_c2p;
@@ -32,21 +32,30 @@ Heads and losses (all multi-label soft margin, MLSM)
       cross-entropy with the identity as target (text → image rows);
     * L_total = L_cls + L_t2p + L_c2p + L_contrast (each weight configurable; 0 switches a term off).
 
+    * optional (``model.patch_cam``): MCTformer-V2's class head, a 3×3 conv from the patch tokens to C maps whose
+      average-pooled scores get their own MLSM loss; its map ``patchcam`` is V2's fused map.
+
 Inference
     C_mm = C_t2p + C_c2p; M̂ = ReLU(C_mm) ∘ A_c2p (class-to-patch attention, head-mean, summed over the last
     ``infer.attn_layers`` layers); M = A_p2p · M̂ (patch-to-patch attention summed over all layers, the
-    MCTformer refinement); bilinear upsampling; optional multi-scale + flip sum; per-class min-max.
+    MCTformer refinement); bilinear upsampling; multi-scale + flip sum; per-class min-max. With
+    ``infer.resolution: native`` (the paper profile) every image is processed at its own size as MCTformer's
+    map generation does (``mctformer_inputs``: PIL bicubic scales, flips; maps at the image's H×W), the position
+    embeddings interpolated as DINO/MCTformer (``interpolate_pos_dino``); ``square`` resizes to input_size².
     ``localize`` returns all C maps (``multi``) or the requested classes' (``single``) and the class scores.
 
 Ablation switches (paper Tables 5/6): ``model.text_tokens`` (+text tokens), ``model.class_patch`` (+C2P),
 ``loss.pooling`` (GAP vs GWRP), ``model.token_source`` (input = global class representation only, output =
 sample-specific/local only, fused = both with λ), ``loss.contrast`` (0 = contrastive loss off),
 ``model.mask_groups`` (masked attention), ``infer.map`` / ``infer.refine`` / ``infer.fuse_attention``.
-With ``text_tokens: false`` and ``class_patch: false`` this is MCTformer-V1 ("attention only").
+With ``text_tokens: false`` and ``class_patch: false`` this is MCTformer-V1 ("attention only"); adding
+``patch_cam: true`` and ``infer.map: patchcam`` gives MCTformer-V2.
 
-Checkpoints: ``model.safetensors`` via ``Localizer.save``; MCTformer-style ``{'model': state_dict}`` files
-with timm ViT key names (``cls_token`` [1,C,D] or [1,1,D], ``pos_embed``, ``patch_embed.proj``,
-``blocks.i.*``, ``norm``) load with ``MMCST.load_mctformer_checkpoint``.
+Checkpoints: ``model.safetensors`` via ``Localizer.save``; files of other code (``--checkpoint FILE``) with
+``MMCST.load_foreign``: MCTformer-V1 / -V2 / MCTformer+ ``{'model': state_dict}`` files, plain timm/DeiT ViTs and
+MMCST state dicts, recognised by their keys (``checkpoint_layout``), adapted (``adapt_vit_state_dict``) and loaded
+exactly (``wsolbench.checkpoint.load_exact``): nothing is left at its initial value unless ``load.partial``
+names it, and the run records the ``LoadReport``.
 """
 from __future__ import annotations
 
@@ -56,6 +65,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -644,6 +654,8 @@ class MMCST(Localizer):
                                  f"{self.model.use_patch_cam}); choose from {sorted(available)}")
         if str(self.icfg.get("resolution", "native")) not in ("native", "square"):
             raise ValueError(f"infer.resolution must be 'native' or 'square', got {self.icfg.get('resolution')!r}")
+        if str(self.tcfg.get("select", "last")) not in ("last", "val_map"):
+            raise ValueError(f"train.select must be 'last' or 'val_map', got {self.tcfg.get('select')!r}")
         ps = self.model.patch_size[0]
         if self.input_size % ps:
             raise ValueError(f"model.input_size {self.input_size} is not a multiple of the patch size {ps}")
@@ -828,13 +840,44 @@ class MMCST(Localizer):
             img = clip.encode_images(x, self.mean, self.std).to(dev) if clip is not None else None
             return net.losses(out, y, img, weights=w, pooling=pooling, decay=decay, temperature=temperature)
 
+        select = _ValMapSelection(self, val_data, out_dir) if str(t.get("select", "last")) == "val_map" else None
         loop = TrainLoop(out_dir, epochs, {"model": net}, opt, sched, progress=progress, desc="mmcst",
                          grad_clip=t.get("grad_clip"), scheduler_interval="step",
-                         max_steps_per_epoch=t.get("max_steps_per_epoch"))
+                         max_steps_per_epoch=t.get("max_steps_per_epoch"),
+                         on_epoch_end=None if select is None else lambda e, r: select.epoch_end(e, r, loop.history))
         history = loop.run(make_epoch_loader, step, resume=resume)
+        result: dict[str, Any] = {"history": history}
+        if select is not None:
+            result["selected_epoch"] = select.restore_best(history)
         net.eval()
         self._trained = True
-        return {"history": history}
+        return result
+
+    @torch.no_grad()
+    def val_map(self, data: Any, batch_size: int = 48) -> float:
+        """MCTformer's validation mAP: per image, the average precision of its sigmoid class scores against its
+        labels (images without labels skipped), averaged; inputs resized (shorter side 256/224·S, bicubic) and
+        centre-cropped to S, as MCTformer's val transform (engine.evaluate / datasets.build_transform)."""
+        from torchvision import transforms as T
+
+        from wsolbench.training import make_loader
+
+        s = self.input_size
+        tf = T.Compose([T.Resize(int(256 / 224 * s), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(s),
+                        T.ToTensor(), T.Normalize(self.mean, self.std)])
+        loader = make_loader(data, tf, batch_size=batch_size, shuffle=False, target="multi",
+                             num_classes=len(self.class_names), num_workers=int(self.tcfg.get("num_workers", 0)))
+        was_training = self.model.training
+        self.model.eval()
+        aps = []
+        for batch in loader:
+            scores = self.model(batch["image"].to(self.device))["logits"].sigmoid().float().cpu().numpy()
+            labels = batch["label"].numpy()
+            aps += [sample_average_precision(y, p) for y, p in zip(labels, scores) if y.sum() > 0]
+        self.model.train(was_training)
+        if not aps:
+            raise ValueError("val_map: no validation image has a label")
+        return float(np.mean(aps))
 
     def _init_from_pretrained(self) -> None:
         """Initialise the transformer from the pretrained ViT (class token repeated C times, as MCTformer); every
@@ -922,6 +965,52 @@ class MMCST(Localizer):
             qcls = queries
         return LocalizerOutput(maps=pick(normed[main]).float().cpu(), logits=logits.float().cpu(), classes=qcls,
                                extras={v: pick(normed[v]).float().cpu() for v in extras if v != main})
+
+
+class _ValMapSelection:
+    """``train.select: val_map``: score val mAP after every epoch and keep the best epoch's weights (MCTformer's
+    checkpoint_best.pth), on disk beside the training checkpoint so a resumed run still knows them."""
+
+    FILE = "best_val_map.safetensors"
+
+    def __init__(self, method: "MMCST", val_data: Any, out_dir: str | Path | None) -> None:
+        if val_data is None:
+            raise ValueError("train.select=val_map needs validation data (the dataset's val split); "
+                             "use train.select=last without one")
+        self.method, self.val_data = method, val_data
+        self.path = Path(out_dir) / self.FILE if out_dir is not None else None
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def epoch_end(self, epoch: int, record: dict, history: Sequence[dict]) -> None:
+        from wsolbench.checkpoint import save_tensors
+        from wsolbench.distributed import training_world
+
+        record["val_map"] = self.method.val_map(self.val_data, int(self.method.tcfg.get("batch_size", 32)))
+        if record["val_map"] > max((h.get("val_map", -1.0) for h in history), default=-1.0):
+            self.best_state = {k: v.detach().to("cpu").clone() for k, v in self.method.model.state_dict().items()}
+            if self.path is not None and training_world().is_main:
+                save_tensors(self.best_state, self.path)
+
+    def restore_best(self, history: Sequence[dict]) -> int:
+        """Load the best epoch's weights; return that epoch (1-based)."""
+        from wsolbench.checkpoint import load_tensors
+
+        best = max(range(len(history)), key=lambda i: history[i].get("val_map", -1.0))
+        state = load_tensors(self.path) if self.path is not None and self.path.exists() else self.best_state
+        self.method.model.load_state_dict(state)
+        return best + 1
+
+
+def sample_average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Average precision of one image's class scores against its 0/1 labels, as scikit-learn's
+    ``average_precision_score`` (Σ (R_n − R_{n−1}) P_n over the distinct scores, ties grouped), which MCTformer's
+    ``compute_mAP`` applies per image."""
+    order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
+    s, y = np.asarray(scores, np.float64)[order], np.asarray(labels)[order] > 0
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the last position of each run of equal scores
+    tp = np.cumsum(y)[last]
+    precision, recall = tp / (last + 1), tp / y.sum()
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
 def scaled_lr(train_cfg: dict) -> float:

@@ -15,7 +15,7 @@ from PIL import Image
 
 from wsolbench.localizer import InputError
 from wsolbench.methods.mmcst import (MMCST, MMCSTNet, adapt_vit_state_dict, contrastive_loss, group_attention_mask,
-                                     gwrp, masked_block_forward, pool_scores)
+                                     gwrp, interpolate_pos_dino, masked_block_forward, pool_scores, scaled_lr)
 
 CLASSES = ["star", "heart", "ring"]
 SIZE = 32  # input side; patch 8 → 4x4 grid
@@ -37,7 +37,7 @@ def small_cfg(**changes) -> dict:
         },
         "loss": {"pooling": "gwrp", "gwrp_decay": 0.996, "contrast": 1.0},
         "train": {"epochs": 1, "batch_size": 4, "lr": 1e-3, "scheduler": "none", "augment": "simple",
-                  "resize_size": 36, "num_workers": 0, "seed": 0},
+                  "resize_size": 36, "num_workers": 0, "seed": 0, "select": "last"},
         "infer": {"map": "mm", "attn_layers": 1, "refine": True, "fuse_attention": True, "scales": [1.0],
                   "flip": False, "extras": [], "resolution": "square"},
     }
@@ -295,13 +295,14 @@ def test_plain_vit_weights_repeat_class_token():
     {"model.class_patch": False, "infer.map": "t2p"},  # +text tokens only
     {"model.token_source": "input", "loss.contrast": 0.0},  # global fusion, no contrastive loss
     {"model.token_source": "output", "model.mask_groups": False, "model.patch_proj": "linear"},
+    {"model.text_tokens": False, "model.class_patch": False, "model.patch_cam": True, "infer.map": "patchcam"},
 ])
 def test_ablation_switches(changes):
     m = make_method(**changes)
     net = m.model
     x = torch.randn(2, 3, SIZE, SIZE)
     y = torch.tensor([[1, 0, 1], [0, 1, 0]], dtype=torch.float32)
-    w = {k: float(m.lcfg.get(k, 1.0)) for k in ("cls", "text_patch", "class_patch", "contrast")}
+    w = {k: float(m.lcfg.get(k, 1.0)) for k in ("cls", "text_patch", "class_patch", "contrast", "patch_cam")}
     losses = net.losses(net(x), y, torch.randn(2, net.clip_dim), weights=w, pooling=m.lcfg["pooling"])
     assert torch.isfinite(losses["loss"])
     if not net.use_text:
@@ -310,6 +311,7 @@ def test_ablation_switches(changes):
         assert "class_patch" not in losses
     if w["contrast"] == 0:
         assert "contrast" not in losses
+    assert ("patch_cam" in losses) == net.use_patch_cam  # MCTformer-V2's patch-head loss
     assert m.localize(images(2)).maps.shape == (2, 3, SIZE, SIZE)
 
 
@@ -322,6 +324,8 @@ def test_configs_resolve():
     assert paper["train"]["optimizer"] == "adamw" and paper["loss"]["gwrp_decay"] == 0.996
     assert paper["train"]["lr_base_batch"] == 512 and paper["infer"]["resolution"] == "native"
     assert paper["protocol"]["dense"] == "mctformer-miou"
+    assert scaled_lr(paper["train"]) == pytest.approx(5e-4 * 32 / 512)  # MCTformer's main.py: lr x batch / 512
+    assert scaled_lr({**paper["train"], "lr_base_batch": None}) == 5e-4
     assert load_method_config("mmcst", "paper", "coco")["train"]["epochs"] == 60
     assert load_method_config("mmcst", "paper", "openimages")["train"]["epochs"] == 10
     tiny = load_method_config("mmcst", "tiny", "voc")
@@ -386,3 +390,68 @@ def test_registered_and_runs_through_the_harness(isolated_env, dataset, metric):
     results = json.loads((res.run_dir / "metrics.json").read_text())["results"]
     assert 0 <= results["default"][metric] <= 100
     assert 0 <= results["attn"][metric] <= 100  # the tiny profile also scores the attention-only map
+
+
+def test_sample_average_precision_by_hand():
+    from wsolbench.methods.mmcst import sample_average_precision
+
+    # ranks: TP (P 1, R .5), FP, TP (P 2/3, R 1) -> .5·1 + .5·2/3
+    assert sample_average_precision(np.array([1, 0, 1, 0]), np.array([.9, .8, .7, .1])) == pytest.approx(5 / 6)
+    assert sample_average_precision(np.array([0, 1]), np.array([.5, .5])) == pytest.approx(0.5)  # a tie: one step
+    assert sample_average_precision(np.array([0, 1, 0]), np.array([.1, .9, .3])) == pytest.approx(1.0)
+
+
+def test_select_best_val_map_epoch(tmp_path, monkeypatch):
+    """train.select=val_map keeps the epoch with the best val mAP (MCTformer's checkpoint_best.pth)."""
+    from wsolbench.checkpoint import load_tensors
+    from wsolbench.datasets.base import Sample
+    from wsolbench.training import load_checkpoint
+
+    samples = []
+    for i, img in enumerate(images(6, seed=2)):
+        path = tmp_path / f"{i}.png"
+        img.save(path)
+        samples.append(Sample(image_id=str(i), image_path=path, size=img.size, labels=(i % 3,)))
+    data = _ListDataset(samples, CLASSES)
+    m = make_method(**{"train.epochs": 3, "train.select": "val_map"})
+    first = m.val_map(data)
+    assert 1 / 3 <= first <= 1  # one label among 3 classes: every image's AP is 1, 1/2 or 1/3
+    scripted = iter([0.2, 0.9, 0.5])
+    monkeypatch.setattr(m, "val_map", lambda d, bs=48: next(scripted))
+    out = m.fit(data, val_data=data, out_dir=tmp_path / "train", progress=False)
+    assert [r["val_map"] for r in out["history"]] == [0.2, 0.9, 0.5] and out["selected_epoch"] == 2
+    best = load_tensors(tmp_path / "train" / "best_val_map.safetensors")
+    last = load_checkpoint(tmp_path / "train" / "last.pt")["modules"]["model"]
+    state = m.model.state_dict()
+    assert all(torch.equal(v, best[k]) for k, v in state.items())  # the epoch-2 weights, not the last epoch's
+    assert not all(torch.equal(v, last[k]) for k, v in state.items())
+    with pytest.raises(ValueError, match="train.select=val_map needs validation data"):
+        make_method(**{"train.select": "val_map"}).fit(data, progress=False)
+    with pytest.raises(ValueError, match="train.select must be 'last' or 'val_map'"):
+        make_method(**{"train.select": "best"})
+
+
+def test_text_projection_choices():
+    m = make_method(**{"model.text_proj": "frozen", "model.text_scale": 4.0})
+    net = m.model
+    assert not any(p.requires_grad for p in net.text_proj.parameters())  # "kept constant", literally
+    m.ensure_text_embeddings()
+    torch.testing.assert_close(net.text_tokens_in(), net.text_proj(4.0 * net.text_embed))
+    with pytest.raises(ValueError, match="model.text_proj must be 'learned' or 'frozen'"):
+        make_method(**{"model.text_proj": "clip"})
+
+
+def test_position_embeddings_interpolate_as_dino():
+    """MCTformer/DINO: bicubic with scale_factor=(n+0.1)/side, which weights differently from size=(h, w)."""
+    import torch.nn.functional as F
+
+    pos = torch.randn(1, 14 * 14, 6)
+    assert interpolate_pos_dino(pos, (14, 14), (14, 14), True) is pos  # square input, same grid: unchanged
+    out = interpolate_pos_dino(pos, (14, 14), (15, 20), False)
+    grid = pos.reshape(1, 14, 14, 6).permute(0, 3, 1, 2)
+    ref = F.interpolate(grid, scale_factor=(15.1 / 14, 20.1 / 14), mode="bicubic")
+    torch.testing.assert_close(out, ref.permute(0, 2, 3, 1).reshape(1, 300, 6))
+    by_size = F.interpolate(grid, size=(15, 20), mode="bicubic").permute(0, 2, 3, 1).reshape(1, 300, 6)
+    assert (out - by_size).abs().max() > 1e-3
+    # a non-square input with the trained grid is still resampled (MCTformer's w == h test)
+    assert not torch.equal(interpolate_pos_dino(pos, (14, 14), (14, 14), False), pos)
