@@ -100,7 +100,8 @@ def select_meta_token(class_name: str, tokenizer) -> str:
         if len(tokenizer.encode(w, add_special_tokens=False)) == 1:
             return w
     ids = tokenizer.encode(words[0], add_special_tokens=False)
-    return tokenizer.decode([ids[-1]]).strip()
+    # CLIP's decode drops the end-of-word mark; a deep-copied transformers-5 tokenizer no longer does
+    return tokenizer.decode([ids[-1]]).replace("</w>", " ").strip()
 
 
 def _check_synonyms(synonyms: Sequence[Sequence[str]] | None, class_names: Sequence[str]) -> list[tuple[str, ...]] | None:

@@ -151,3 +151,23 @@ def test_end_to_end_from_the_images(method, official, fixture_dir):
     assert (np.abs(z0.numpy() - ref) / (1 + np.abs(ref))).max() < TOL_Z0_REL
     assert np.abs(out.maps[:, 0].numpy() - expected["maps"]).max() < TOL_MAPS
 
+
+
+@pytest.mark.parametrize("section, key, slip", [("prompts", "token_index", 6), ("inference", "timesteps", [1, 100])])
+def test_the_comparison_catches_a_slip(method, official, section, key, slip):
+    """The tolerance separates the official recipe from a one-setting slip (README: 0.07 to 0.59 apart; a
+    changed combine ratio or template already fails the f_c comparison)."""
+    from wsolbench.methods.genpromp import aggregate_maps
+
+    expected, draws, inputs = official
+    before = method.config[section][key]
+    method.config[section][key] = slip
+    method._cache.clear()
+    try:
+        cond, weights = method.class_conditioning([im["class_id"] for im in inputs])
+        maps = aggregate_maps(method.layer_attention(draws["z0"], draws["noise"], range(len(inputs)), cond, weights),
+                              method.groups, int(method.config["inference"]["map_size"]))
+    finally:
+        method.config[section][key] = before
+        method._cache.clear()
+    assert np.abs(maps.numpy() - expected["maps"]).max() > 100 * TOL_MAPS
