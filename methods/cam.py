@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wsolbench.config import ConfigError
 from wsolbench.localizer import Capability, ImageMeta, InputError, Localizer, LocalizerOutput
 from wsolbench.registry import register_method
 from wsolbench.weights import MissingWeightsError  # noqa: F401  (re-exported: what fit() raises)
@@ -228,7 +229,7 @@ def build_cam_net(cfg: dict, num_classes: int) -> CAMNet:
     elif name == "inceptionv3":
         inception_input = str(cfg.get("inception_input") or "imagenet").lower()
         if inception_input not in INCEPTION_INPUTS:
-            raise ValueError(f"inception_input must be one of {', '.join(INCEPTION_INPUTS)}, got {inception_input!r}")
+            raise ConfigError(f"inception_input must be one of {', '.join(INCEPTION_INPUTS)}, got {inception_input!r}")
         backbone, dim = InceptionV3Trunk(large, transform_input=inception_input == "pm1"), 768
         head_channels = 1024 if head_channels is None else int(head_channels)
         head = nn.Sequential(nn.Dropout(0.5), nn.Conv2d(dim, head_channels, 3, padding=1), nn.ReLU(inplace=False),
@@ -269,8 +270,8 @@ def resolve_imagenet_weights(backbone: str, spec: Any) -> Path:
     if path.is_file():
         return path
     if (path / "model.safetensors").is_file():
-        raise ValueError(f"config key 'pretrained': {path} is a saved wsolbench model, not ImageNet weights; "
-                         f"to start from a saved CAM set finetune_from={path} (and pretrained=null)")
+        raise ConfigError(f"config key 'pretrained': {path} is a saved wsolbench model, not ImageNet weights; "
+                          f"to start from a saved CAM set finetune_from={path} (and pretrained=null)")
     if not path.exists():
         raise MissingWeightsError(f"CAM pretrained weights {path} do not exist (config key 'pretrained'); "
                                   f"use 'imagenet' to search the weights dir and the torch cache")
@@ -315,13 +316,13 @@ def load_imagenet(net: CAMNet, backbone: str, path: Path, classifier: bool = Fal
     if not classifier:
         return loaded
     if backbone != "resnet50":
-        raise ValueError(f"pretrained_classifier: only resnet50's ImageNet fc fits the CAM classifier "
-                         f"(GAP of the last features); {backbone}'s does not (set pretrained_classifier: false)")
+        raise ConfigError(f"pretrained_classifier: only resnet50's ImageNet fc fits the CAM classifier "
+                          f"(GAP of the last features); {backbone}'s does not (set pretrained_classifier: false)")
     fc = {k.removeprefix("fc."): v for k, v in state.items() if k.startswith("fc.")}
     if sorted(fc) != sorted(net.fc.state_dict()) or fc["weight"].shape != net.fc.weight.shape:
-        raise ValueError(f"pretrained_classifier: {path} has fc {({k: tuple(v.shape) for k, v in fc.items()})} but "
-                         f"the CAM classifier is {tuple(net.fc.weight.shape)} (the ImageNet fc needs the 1000 "
-                         "ILSVRC classes; set pretrained_classifier: false for other label sets)")
+        raise ConfigError(f"pretrained_classifier: {path} has fc {({k: tuple(v.shape) for k, v in fc.items()})} but "
+                          f"the CAM classifier is {tuple(net.fc.weight.shape)} (the ImageNet fc needs the 1000 "
+                          "ILSVRC classes; set pretrained_classifier: false for other label sets)")
     net.fc.load_state_dict(fc)
     return loaded + [f"fc.{k}" for k in sorted(fc)]
 
@@ -372,18 +373,18 @@ def wsolevaluation_to_camnet(state: dict[str, torch.Tensor], backbone: str,
 def read_wsolevaluation_checkpoint(path: str | Path) -> tuple[str, dict[str, torch.Tensor]]:
     """(our backbone name, state_dict) of a wsolevaluation ``torch.save`` checkpoint (read with
     ``weights_only``: no pickled code runs)."""
-    from wsolbench.checkpoint import load_tensors
+    from wsolbench.checkpoint import CheckpointError, load_tensors
 
     path = Path(path)
     obj = load_tensors(path)
     if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict):
         keys = sorted(obj)[:5] if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(f"{path}: not a wsolevaluation checkpoint (expected a dict with 'architecture' and "
-                         f"'state_dict', as main.py's _torch_save_model writes; got {keys})")
+        raise CheckpointError(f"{path}: not a wsolevaluation checkpoint (expected a dict with 'architecture' and "
+                              f"'state_dict', as main.py's _torch_save_model writes; got {keys})")
     arch = str(obj.get("architecture", ""))
     if arch not in WSOLEVALUATION_ARCHS:
-        raise ValueError(f"{path}: field 'architecture' is {arch!r}; wsolevaluation CAMs are "
-                         f"{', '.join(WSOLEVALUATION_ARCHS)}")
+        raise CheckpointError(f"{path}: field 'architecture' is {arch!r}; wsolevaluation CAMs are "
+                              f"{', '.join(WSOLEVALUATION_ARCHS)}")
     state = {k.removeprefix("module."): v for k, v in obj["state_dict"].items()}
     return WSOLEVALUATION_ARCHS[arch], state
 
@@ -442,20 +443,21 @@ class CAM(Localizer):
                      device: str = "cpu") -> "CAM":
         """A CAM from a trained wsolevaluation checkpoint (``wsolbench run --checkpoint FILE``): the config
         gives what the file does not store (``large_feature_map``), its ``backbone`` must be the file's."""
-        from wsolbench.checkpoint import load_exact, partial_names
+        from wsolbench.checkpoint import CheckpointError, load_exact, partial_names
         from wsolbench.config import merge
 
         cfg = merge(_default_config(), dict(config or {}), schema=None)
         backbone, state = read_wsolevaluation_checkpoint(path)
         if str(cfg.get("backbone")).lower() != backbone:
-            raise ValueError(f"{path} holds a wsolevaluation {backbone} but the config's backbone is "
-                             f"{cfg.get('backbone')!r}; use --set backbone={backbone} (or configs/cam_{backbone}*.yaml)")
+            raise CheckpointError(f"{path} holds a wsolevaluation {backbone} but the config's backbone is "
+                                  f"{cfg.get('backbone')!r}; use --set backbone={backbone} (and the "
+                                  f"large_feature_map it was trained with)")
         large = bool(cfg.get("large_feature_map", False))
         mapped = wsolevaluation_to_camnet(state, backbone, large)
         sizes = [int(mapped[k].shape[0]) for k in ("fc.weight", "fc.bias") if k in mapped]
         num_classes = sizes[0] if sizes else len(class_names or [])
         if class_names and len(class_names) != num_classes:
-            raise ValueError(f"{path} classifies {num_classes} classes but the dataset has {len(class_names)}")
+            raise CheckpointError(f"{path} classifies {num_classes} classes but the dataset has {len(class_names)}")
         cfg.update(num_classes=num_classes, multi_label=False)  # wsolevaluation trains single-label CE
         method = cls(cfg, class_names=class_names, device=device)
         method.load_report = load_exact(method.model, {k: v.to(device) for k, v in mapped.items()},
@@ -555,8 +557,8 @@ class CAM(Localizer):
         pretrained, finetune = self.config.get("pretrained"), self.config.get("finetune_from")
         if finetune:
             if pretrained:
-                raise ValueError(f"config keys 'pretrained' ({pretrained}) and 'finetune_from' ({finetune}) both set: "
-                                 "finetune_from replaces the ImageNet start; set pretrained=null")
+                raise ConfigError(f"config keys 'pretrained' ({pretrained}) and 'finetune_from' ({finetune}) both set: "
+                                  "finetune_from replaces the ImageNet start; set pretrained=null")
             saved = Path(str(finetune)).expanduser() / "model.safetensors"
             if not saved.is_file():
                 raise FileNotFoundError(f"config key 'finetune_from': {saved} not found; it must be a directory "
@@ -673,7 +675,7 @@ def recipe_file(backbone: str, dataset: str) -> Path:
 
 
 def recipe_config(backbone: str, dataset: str, overrides: Sequence[str] = (), profile: str = "paper") -> dict:
-    """The resolved paper config of one recipe: cam.yaml ← cam_<dataset>.yaml ← the recipe file ← ``overrides``."""
+    """The resolved config of one recipe: cam.yaml ← cam_<dataset>.yaml ← the recipe file ← ``overrides``."""
     from wsolbench.config import load_method_config
 
     return load_method_config("cam", profile, dataset, list(overrides), extra_file=recipe_file(backbone, dataset))

@@ -126,7 +126,8 @@ def test_background_comes_from_the_lowest_fraction_and_the_rest_is_unlabelled():
     top, bottom = T.fg_bg_candidates(cam, 5, 7, 1, 0.2)
     np.testing.assert_array_equal(top, fg[:5])  # the n⁺ highest, highest first
     np.testing.assert_array_equal(bottom, bg[:7])  # the n⁻ lowest, lowest first
-    assert cam.ravel()[top].min() >= np.sort(cam.ravel()[fg])[-5] and cam.ravel()[bottom].max() <= np.sort(cam.ravel())[6]
+    assert cam.ravel()[top].min() >= np.sort(cam.ravel()[fg])[-5]
+    assert cam.ravel()[bottom].max() <= np.sort(cam.ravel())[6]
     wide = np.zeros((10, 10), np.float32)
     wide[:, 2:] = np.linspace(0.5, 1, 80).reshape(10, 8)  # FG covers 80% of the map ...
     fg_w, bg_w = T.fg_bg_candidates(wide, 0, 0, 1, 0.5)
@@ -318,7 +319,8 @@ def test_paper_profile_config_and_missing_weights(isolated_env, monkeypatch):
     assert cub["encoder"]["source"] == "timm" and cub["encoder"]["variant"] == "eva01-l-196"
     assert T.encoder_name(cub["encoder"]) == "eva_large_patch14_196.in22k_ft_in22k_in1k"  # EVA-01, as the paper cites
     assert T.encoder_name({"variant": "eva02-l-448"}).startswith("eva02_large_patch14_448")
-    assert T.encoder_name({"variant": "eva02-l-448", "name": "vit_large_patch14_clip_224"}) == "vit_large_patch14_clip_224"
+    named = {"variant": "eva02-l-448", "name": "vit_large_patch14_clip_224"}
+    assert T.encoder_name(named) == "vit_large_patch14_clip_224"  # a timm name wins over the variant
     with pytest.raises(ValueError, match="encoder.variant must be one of eva01-l-196"):
         T.encoder_name({"variant": "eva-l"})
     assert cub["selection"]["metric"] == "maxboxacc" and cub["selection"]["map_size"] == 256
