@@ -652,8 +652,10 @@ class MMCST(Localizer):
                 raise ValueError(f"infer map {v!r} is not available with this model (model.text_tokens="
                                  f"{self.model.use_text}, model.class_patch={self.model.use_c2p}, model.patch_cam="
                                  f"{self.model.use_patch_cam}); choose from {sorted(available)}")
-        if str(self.icfg.get("resolution", "native")) not in ("native", "square"):
-            raise ValueError(f"infer.resolution must be 'native' or 'square', got {self.icfg.get('resolution')!r}")
+        resolution = str(self.icfg.get("resolution", "native"))
+        if resolution not in ("native", "square"):
+            raise ValueError(f"infer.resolution must be 'native' or 'square', got {resolution!r}")
+        self.maps_at_image_size = resolution == "native"
         if str(self.tcfg.get("select", "last")) not in ("last", "val_map"):
             raise ValueError(f"train.select must be 'last' or 'val_map', got {self.tcfg.get('select')!r}")
         ps = self.model.patch_size[0]
@@ -938,7 +940,7 @@ class MMCST(Localizer):
         variants = list(dict.fromkeys([main] + extras))
         scales = [float(x) for x in (i.get("scales") or [1.0])]
         flip = bool(i.get("flip", False))
-        if str(i.get("resolution", "native")) == "native":  # each image at its own size (MCTformer)
+        if self.maps_at_image_size:  # each image at its own size (MCTformer)
             per_image = [self._sum_passes(*mctformer_inputs(im, scales, flip, self.mean, self.std), variants)
                          for im in imgs]
             sizes = sorted({tuple(m[main].shape[-2:]) for m, _ in per_image})

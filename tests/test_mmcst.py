@@ -328,6 +328,7 @@ def test_configs_resolve():
     assert scaled_lr({**paper["train"], "lr_base_batch": None}) == 5e-4
     assert load_method_config("mmcst", "paper", "coco")["train"]["epochs"] == 60
     assert load_method_config("mmcst", "paper", "openimages")["train"]["epochs"] == 10
+    assert load_method_config("mmcst", "paper", "openimages")["infer"]["resolution"] == "square"  # 224, wsolevaluation
     tiny = load_method_config("mmcst", "tiny", "voc")
     assert tiny["model"]["backbone"]["source"] == "zoo" and tiny["model"]["clip"]["source"] == "zoo"
 

@@ -326,7 +326,7 @@ class _DenseEvaluator(_Evaluator):
         from wsolbench.metrics import normalize_per_class
 
         runs = [list(g) for _, g in groupby(range(len(images)), key=lambda i: images[i].size)]
-        if self.protocol.map_size is None and len(runs) > 1:  # maps at each image's own size: one size per call
+        if len(runs) > 1 and getattr(self.method, "maps_at_image_size", False):  # one image size per call
             parts = [self.process([samples[i] for i in r], [images[i] for i in r]) for r in runs]
             for part, _ in parts[1:]:
                 for variant, mets in part.items():

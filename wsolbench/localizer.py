@@ -76,6 +76,8 @@ class Localizer(abc.ABC):
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     load_report: Any = None  # a wsolbench.checkpoint.LoadReport after load_foreign (what the file gave)
+    maps_at_image_size: bool = False  # True: localize returns each image's maps at its own size, so the harness
+    # gives it images of one size per call (MMCST's MCTformer-style native-resolution inference)
 
     def __init__(self, config: dict | None = None, class_names: Sequence[str] | None = None,
                  device: str = "cpu") -> None:
