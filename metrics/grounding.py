@@ -8,8 +8,7 @@ corners, which is reproduced), the survivors with confidence > 0.5 × the best a
 their union box. GT = union of the entity's boxes. Both are normalised by their image size and the
 entity is correct when IoU (no +1) ≥ 0.5. Accuracy = 100 · correct / entities.
 
-The colormap is rebuilt here from matplotlib's cubehelix definition (gamma=1, s=0.5, r=−1.5, h=1,
-256 entries) so matplotlib is not needed.
+The colormap is matplotlib's own "cubehelix" (256 entries), as in the reference.
 """
 from __future__ import annotations
 
@@ -27,25 +26,12 @@ NO_THRESHOLD = "none (threshold-free)"
 
 @lru_cache(maxsize=1)
 def cubehelix_lut(n: int = 256) -> np.ndarray:
-    """matplotlib's "cubehelix" lookup table: (n + 3, 4) RGBA float64 rows; row n + 2 is the "bad"
-    colour (0, 0, 0, 0) used for NaN."""
-    gamma, s, r, h = 1.0, 0.5, -1.5, 1.0
-    coeffs = {"red": (-0.14861, 1.78277), "green": (-0.29227, -0.90649), "blue": (1.97294, 0.0)}
-    x = np.linspace(0, 1, n) ** 1.0  # LinearSegmentedColormap gamma
+    """matplotlib's "cubehelix" lookup table: (n + 3, 4) RGBA float64 rows; rows n, n + 1, n + 2 are the
+    under, over and "bad" (NaN) colours."""
+    from matplotlib import colormaps
 
-    def helper(p0: float, p1: float, x: np.ndarray) -> np.ndarray:
-        xg = x ** gamma
-        a = h * xg * (1 - xg) / 2
-        phi = 2 * np.pi * (s / 3 + r * x)
-        return xg + a * (p0 * np.cos(phi) + p1 * np.sin(phi))
-
-    lut = np.ones((n + 3, 4), np.float64)
-    for c, name in enumerate(("red", "green", "blue")):
-        lut[:n, c] = np.clip(np.array(helper(*coeffs[name], x), dtype=float), 0, 1)
-    lut[n] = lut[0]  # under
-    lut[n + 1] = lut[n - 1]  # over
-    lut[n + 2] = (0.0, 0.0, 0.0, 0.0)  # bad
-    return lut
+    cmap = colormaps["cubehelix"].resampled(n)
+    return np.vstack([cmap(np.linspace(0, 1, n)), cmap.get_under(), cmap.get_over(), cmap.get_bad()])
 
 
 def cubehelix_gray(cam: np.ndarray) -> np.ndarray:

@@ -73,16 +73,23 @@ def test_curves_of_a_dataframe_and_of_a_run(tmp_path):
         viz.curves(run, "cls")
 
 
-def test_grounding_cubehelix_table_is_matplotlibs():
-    """metrics/grounding.py rebuilds matplotlib's "cubehelix" table by hand; it must equal matplotlib's
-    colormap exactly where WWbL's box rule reads it (the 256 colours plus under / over / bad)."""
-    from matplotlib import colormaps
+def _cubehelix_by_formula(n: int = 256) -> np.ndarray:
+    """Green's (2011) cubehelix with matplotlib's default parameters (gamma 1, start 0.5, rotations −1.5,
+    hue 1), written out: the independent oracle for the table WWbL's box rule reads."""
+    x = np.linspace(0, 1, n)
+    amp = x * (1 - x) / 2
+    phi = 2 * np.pi * (0.5 / 3 - 1.5 * x)
+    rgb = [x + amp * (p0 * np.cos(phi) + p1 * np.sin(phi))
+           for p0, p1 in ((-0.14861, 1.78277), (-0.29227, -0.90649), (1.97294, 0.0))]
+    table = np.ones((n + 3, 4))
+    table[:n, :3] = np.clip(np.stack(rgb, axis=1), 0, 1)
+    table[n], table[n + 1], table[n + 2] = table[0], table[n - 1], (0, 0, 0, 0)  # under, over, bad (NaN)
+    return table
 
+
+def test_grounding_cubehelix_table_is_the_cubehelix_formula():
+    """metrics/grounding.py takes WWbL's colormap from matplotlib; it equals the cubehelix definition bit for
+    bit (the 256 colours plus under / over / bad), so the grounding boxes cannot move with it."""
     from wsolbench.metrics.grounding import cubehelix_lut
 
-    cmap = colormaps["cubehelix"].resampled(256)
-    x = np.linspace(0, 1, 256)
-    np.testing.assert_allclose(cubehelix_lut()[:256], cmap(x), rtol=0, atol=1e-12)
-    np.testing.assert_allclose(cubehelix_lut()[256], cmap.get_under(), atol=1e-12)
-    np.testing.assert_allclose(cubehelix_lut()[257], cmap.get_over(), atol=1e-12)
-    np.testing.assert_allclose(cubehelix_lut()[258], cmap.get_bad(), atol=1e-12)
+    np.testing.assert_array_equal(cubehelix_lut(), _cubehelix_by_formula())
