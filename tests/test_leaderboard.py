@@ -55,7 +55,8 @@ def test_measured_and_reported_rows_meet_only_under_the_same_protocol(tmp_path):
     star = _table(tables, "cub · test · protocol tedloc*")
     assert set(star["source"]) == {"measured"} and star["run"].iloc[0].startswith("overridden")
     # the GenPromp and literature rows of CUB stay in their own reported-only tables
-    assert set(_table(tables, "cub · test · protocol genpromp")["source"]) == {"reported: GenPromp (ICCV 2023) Table 1"}
+    genpromp = _table(tables, "cub · test · protocol genpromp")
+    assert set(genpromp["source"]) == {"reported: GenPromp (ICCV 2023) Table 1"}
 
 
 def test_synthetic_tables_hold_no_paper_rows(tmp_path):

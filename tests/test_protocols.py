@@ -35,6 +35,14 @@ def test_the_eight_builtins_and_their_facts():
     assert len(lines) == 8 and all("Papers:" in line for line in lines)
 
 
+def test_list_protocols_explains_each_in_a_line(capsys):
+    from wsolbench.cli import main
+
+    assert main(["list", "protocols"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == list(P.PROTOCOLS)
+
+
 def test_fixed_tau_comes_from_the_method_config_else_the_dataset_and_overrides_are_marked():
     gp = P.get_protocol("genpromp")
     assert P.resolve(gp, {}, {"inference": {"cam_thr": 0.3}}, "cub").tau == 0.3  # the method's own cam_thr
