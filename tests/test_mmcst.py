@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from wsolbench.localizer import InputError
-from wsolbench.methods.mmcst import (MMCST, MMCSTNet, adapt_vit_state_dict, contrastive_loss, group_attention_mask,
+from wsolbench.methods.mmcst import (MMCST, adapt_vit_state_dict, contrastive_loss, group_attention_mask,
                                      gwrp, interpolate_pos_dino, masked_block_forward, pool_scores, scaled_lr)
 
 CLASSES = ["star", "heart", "ring"]

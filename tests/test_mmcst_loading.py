@@ -57,7 +57,8 @@ def test_load_exact_partial_by_name_is_recorded_and_typos_raise():
     # a prefix covers names below it at a dot, not names that merely start with the same letters
     eleven = nn.Sequential(*[nn.Linear(1, 1) for _ in range(11)])
     state = {k: v for k, v in eleven.state_dict().items() if k.split(".")[0] not in ("1", "10")}
-    with pytest.raises(CheckpointError, match=r"2 of the model's 22 tensors are not in the file \(10\.bias, 10\.weight\)"):
+    with pytest.raises(CheckpointError, match=r"2 of the model's 22 tensors are not in the file "
+                                              r"\(10\.bias, 10\.weight\)"):
         load_exact(eleven, state, partial=("1",))
 
 
