@@ -194,3 +194,11 @@ def test_deit_small_mctformer_file_into_the_vit_b_profile_raises(tmp_path):
     full = load_method_config("mmcst", "paper", "voc", ["model.backbone.name=deit-s16", "model.clip.pretrained=null"])
     with pytest.raises(CheckpointError, match=r"of the model's \d+ tensors are not in the file \(.*lambda_cls"):
         MMCST.load_foreign(path, full, names)
+
+
+def test_missing_checkpoint_path_is_named(tmp_path):
+    from wsolbench.checkpoint import read_saved_meta
+
+    with pytest.raises(FileNotFoundError, match=r"checkpoint not found: .*nope\.pth \(give a directory written by "
+                                                r"Localizer\.save, or a checkpoint file"):
+        read_saved_meta(tmp_path / "nope.pth", "mmcst")

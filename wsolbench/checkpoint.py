@@ -52,6 +52,9 @@ def save_localizer(method: Any, directory: Path) -> Path:
 
 def read_saved_meta(directory: Path, method: str | None = None) -> dict:
     """The ``config.yaml`` of a saved method directory (keys method, class_names, config)."""
+    if not Path(directory).exists():
+        raise FileNotFoundError(f"checkpoint not found: {directory} (give a directory written by Localizer.save, "
+                                "or a checkpoint file of the method's own code)")
     cfg_path = Path(directory) / CONFIG_FILE
     if not cfg_path.exists():
         raise FileNotFoundError(f"{cfg_path} is missing: a saved method directory holds {CONFIG_FILE} and "
