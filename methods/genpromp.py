@@ -7,9 +7,11 @@ official format ``{image name: {"pred_scores": [C floats]}}``).
 
 Prompts (per class c, each the text-encoder ``last_hidden_state`` averaged over the 7 templates):
   * f_d, discriminative: "a photo of a {meta token}"; the meta token is ``prompts.meta_token`` when set
-    ("bird" for CUB), else taken from the class name by the official rule: split the name into
+    ("bird" for CUB), else taken from the class's FULL name by the official rule: split it into
     comma-separated synonyms, take each synonym's LAST word, use the first of those that is a single
-    tokenizer token, else the last BPE piece of the first one ("electric ray, crampfish" -> "ray").
+    tokenizer token, else the last BPE piece of the first one ("electric ray, crampfish" -> "ray",
+    "hammerhead, hammerhead shark" -> "shark"). The full names come from ``class_synonyms`` (the harness
+    passes the dataset's: ILSVRC's synset mapping), else the class names.
   * f_r, representative: "a photo of a <cub-c>" with a learned concept token (id = tokenizer size + c,
     49408 + c for SD) whose embedding row is initialised from the meta token's.
   * f_c = w * f_r + (1 - w) * f_d (``prompts.combine_ratio`` w = 0.6); ``prompts.embedding`` selects
@@ -23,12 +25,13 @@ f = 0.5 f_r + 0.5 f_d. Both resume (stage 1 per finished class, stage 2 every ``
 the official checkpoint layout: ``tokens/{token_id}.bin`` = ``{token: tensor[D]}`` and ``unet/``
 (diffusers ``save_pretrained``); official checkpoints load through ``model.token_path``/``model.unet_path``.
 
-Inference (``localize``): image -> bicubic resize to ``model.image_size`` -> pixels in [-1, 1] -> one VAE
-sample x scaling factor = z_0; one Gaussian noise draw per image shared by all timesteps;
+Inference (``localize``): image -> uint8 RGB, PIL bicubic resize to ``model.image_size``, x/127.5 - 1 (the
+official pipeline) -> one VAE sample x scaling factor = z_0; one Gaussian noise draw per image shared by all
+timesteps (``draws``: a hook that supplies z_0 / the VAE draw and the noise instead, e.g. the official run's);
 z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps; ONE U-Net forward over the batch of (query, timestep)
-pairs conditioned on the query's prompt embedding; cross-attention probabilities (explicit float32
-softmax, ``wsolbench.attention_maps``) recorded only at the configured layers, at the class token's
-position (index 5 of "<bos> a photo of a X"), averaged over heads.
+pairs conditioned on the query's prompt embedding; cross-attention probabilities (explicit softmax in the
+U-Net's dtype or float32, ``inference.softmax_dtype``; ``wsolbench.attention_maps``) recorded only at the
+configured layers, at the class token's position (index 5 of "<bos> a photo of a X"), averaged over heads.
 
 TIMESTEP INDEXING: ``inference.timesteps`` are diffusers scheduler indices, 0-based (t = 0..999, the
 index into ``alphas_cumprod``). The paper's t = 1 and t = 100 are indices 0 and 99, the official code's
@@ -43,8 +46,9 @@ down path. Each group is averaged over heads, layers and timesteps, resized (bic
 Classifier: GT-known maps come from ``localize(images, classes=gt)``; ``out.logits`` are the classifier's
 scores, so Top-1/Top-5 Loc follow (a prediction counts only when it is the GT class, whose map is then
 the predicted class's map, as in the official top1/top5 modes). ``localize(images)`` (no classes) maps the
-classifier's top-1 class; ``localize_predicted(images, k)`` the top-k. With a predictions JSON, pass
-``image_ids`` to ``localize``. Capabilities: ``single`` and ``phrase`` (not ``multi``: the paper never
+classifier's top-1 class; ``localize_predicted(images, k)`` the top-k. A predictions JSON is read by image
+id (``meta``, which the harness passes); without ids, or for an id the file lacks, ``localize`` raises rather
+than return maps without scores. Capabilities: ``single`` and ``phrase`` (not ``multi``: the paper never
 maps every class of an image, and doing so costs C U-Net passes per image).
 
 Phrases: ``localize(images, texts=[[...]])`` conditions on "a photo of a {phrase}" (f_d only: a phrase
