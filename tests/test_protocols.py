@@ -45,7 +45,9 @@ def test_list_protocols_explains_each_in_a_line(capsys):
 
 def test_fixed_tau_comes_from_the_method_config_else_the_dataset_and_overrides_are_marked():
     gp = P.get_protocol("genpromp")
-    assert P.resolve(gp, {}, {"inference": {"cam_thr": 0.3}}, "cub").tau == 0.3  # the method's own cam_thr
+    own = P.resolve(gp, {}, {"inference": {"cam_thr": 0.3}}, "cub")
+    assert own.tau == 0.3 and own.label() == "genpromp*"  # the method's own cam_thr, not the paper's 0.23
+    assert P.resolve(gp, {}, {"inference": {"cam_thr": 0.23}}, "cub").label() == "genpromp"
     assert P.resolve(gp, {}, {}, "ilsvrc").tau == 0.25  # no cam_thr in the config: the official value
     with pytest.raises(P.ProtocolError, match="harness.tau"):
         P.resolve(gp, {}, {}, "openimages")

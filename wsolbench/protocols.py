@@ -233,10 +233,13 @@ def resolve(protocol: Protocol, harness_cfg: Mapping[str, Any], method_config: M
     """The protocol a run applies: the fixed τ looked up, and ``harness.<key>`` values that are not null
     applied on top (recorded in ``overridden``)."""
     p = protocol
+    notes: list[str] = []
     if p.threshold == "fixed" and p.tau is None:
+        official = dict(p.tau_by_dataset).get(dataset_key)
         tau = _dotted(method_config or {}, p.tau_key) if p.tau_key else None
-        if tau is None:
-            tau = dict(p.tau_by_dataset).get(dataset_key)
+        if tau is not None and official is not None and float(tau) != official:  # not the paper's recipe
+            notes.append(f"tau={float(tau)} ({p.tau_key}; the paper's {official})")
+        tau = official if tau is None else tau
         if tau is None and harness_cfg.get("tau") is None:
             raise ProtocolError(f"protocol {p.name!r} fixes τ per dataset ({dict(p.tau_by_dataset)}) and has none "
                                 f"for {dataset_key!r}: pass --set harness.tau=<τ>")
@@ -260,10 +263,8 @@ def resolve(protocol: Protocol, harness_cfg: Mapping[str, Any], method_config: M
             changes[attr] = value
     if changes.get("threshold") == "fixed" and p.tau is None and "tau" not in changes:
         raise ProtocolError("threshold_policy 'fixed' needs a threshold: --set harness.tau=0.23")
-    if not changes:
-        return p
-    note = tuple(f"{k}={v}" for k, v in sorted(changes.items()))
-    return replace(p, **changes, overridden=note)
+    notes += [f"{k}={v}" for k, v in sorted(changes.items())]
+    return replace(p, **changes, overridden=tuple(notes)) if notes else p
 
 
 def _dotted(cfg: Mapping[str, Any], key: str) -> Any:
