@@ -2,6 +2,7 @@
 --compare, --ids, bad input; a slow check renders index.html in headless Chromium."""
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -75,6 +76,10 @@ def test_compare_shows_the_same_images_side_by_side(runs, tmp_path):
     index = show(runs, tmp_path / "cmp", ids=ids)
     text = index.read_text()
     assert "center / synthetic-cub vs random / synthetic-cub" in text
+    side = text[text.index("Side by side"):text.index("</table>", text.index("Side by side"))]
+    for run_dir in runs:  # each run's MaxBoxAcc in the side-by-side table
+        value = json.loads((run_dir / "metrics.json").read_text())["results"]["default"]["maxboxacc"]
+        assert f"<td>{value:.2f}</td>" in side
     assert set(_links(index)) == {"grid-01.png", "curves-1-default.png", "curves-2-default.png"}
     with Image.open(tmp_path / "cmp" / "grid-01.png") as im:
         w, h = im.size

@@ -221,6 +221,17 @@ def _provenance(run: Run) -> list[tuple[str, Any]]:
             ("wall time", f"{m.get('wall_time_s')} s")]
 
 
+def _side_by_side(runs: Sequence[Run], variant: str) -> tuple[list[list[Any]], list[str]]:
+    """(rows, header) of the leaderboard metrics every compared run has, one column per run."""
+    from .harness import LEADERBOARD_METRICS
+
+    res = [run.metrics.get("results", {}).get(variant, {}) for run in runs]
+    keys = [k for k in LEADERBOARD_METRICS if any(isinstance(r.get(k), (int, float)) for r in res)]
+    rows = [["protocol"] + [_protocol_line(run.metrics).split(";")[0] for run in runs]]
+    rows += [[k] + [r.get(k, "") if r.get(k) is not None else "" for r in res] for k in keys]
+    return rows, ["metric"] + [run.name for run in runs]
+
+
 def _protocol_line(m: dict) -> str:
     """The scoring protocol in one line: its name (``*`` when overridden), τ policy, box rule, IoU test."""
     p = m.get("protocol")
@@ -257,6 +268,8 @@ def _html(runs: Sequence[Run], keys: Sequence[str], variant: str, grids: Sequenc
              f"<h1>wsolbench report: {e(title)}</h1>",
              f"<p>Variant <b>{e(variant)}</b>. {len(keys)} image(s) shown: {e(how)}."
              " Green: ground truth; red: predicted box(es) at the protocol's τ; white cross: the map's maximum.</p>"]
+    if len(runs) > 1:
+        parts.append("<h2>Side by side</h2>" + _table(*_side_by_side(runs, variant)))
     for i, run in enumerate(runs):
         res = run.metrics.get("results", {}).get(variant, {})
         scalars = [(k, v) for k, v in res.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
