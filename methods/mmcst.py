@@ -432,6 +432,17 @@ class AdaptedState:
     adapted: dict[str, str] = field(default_factory=dict)
 
 
+def mctformer_settings(adapted: AdaptedState) -> str | None:
+    """The ``--set`` overrides that build the model an MCTformer file was written for (None for other layouts)."""
+    if not adapted.layout.startswith("mctformer"):
+        return None
+    width = int(adapted.state["cls_token"].shape[-1])
+    backbone = {384: "deit-s16", 768: "deit-b16"}.get(width, f"<a ViT of width {width}>")
+    head = "model.patch_cam=false infer.map=attn" if adapted.layout == "mctformer-v1" else \
+        "model.patch_cam=true infer.map=patchcam"
+    return f"model.backbone.name={backbone} model.text_tokens=false model.class_patch=false {head}"
+
+
 def checkpoint_layout(state: dict[str, Any]) -> str:
     """Which code wrote ``state`` (an unwrapped state dict), from its keys and shapes only."""
     if "pos_embed_cls" in state and "pos_embed_pat" in state:
@@ -770,8 +781,13 @@ class MMCST(Localizer):
 
         method = cls.from_config(config, class_names=class_names, device=device)
         adapted = adapt_vit_state_dict(load_tensors(path, device="cpu"), method.model, where=str(path))
-        method.load_report = load_exact(method.model, adapted.state, partial=partial_names(config), where=path,
-                                        ignored=adapted.ignored, adapted=adapted.adapted, layout=adapted.layout)
+        try:
+            method.load_report = load_exact(method.model, adapted.state, partial=partial_names(config), where=path,
+                                            ignored=adapted.ignored, adapted=adapted.adapted, layout=adapted.layout)
+        except CheckpointError as exc:
+            hint = mctformer_settings(adapted)
+            raise CheckpointError(f"{exc}. This is an {adapted.layout} file: --set {hint}" if hint else str(exc)) \
+                from exc
         log.info(method.load_report.summary())
         method._text_ready = "text_embed" in method.load_report.loaded  # else computed with CLIP when needed
         method._trained = True

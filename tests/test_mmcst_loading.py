@@ -127,7 +127,8 @@ def test_mctformer_v2_file_loads_its_class_head(tmp_path):
     torch.testing.assert_close(m.localize([_image()]).maps, ref.localize([_image()]).maps)
     # the same file into a model without the class head: refused, unless the head is named as a partial load
     with pytest.raises(CheckpointError, match=r"v2\.pth: 2 tensors of the file are not in the model \(head\.bias, "
-                                              r"head\.weight\)"):
+                                              r"head\.weight\).*This is an mctformer-v2 file: --set .*"
+                                              r"model\.patch_cam=true infer\.map=patchcam"):
         MMCST.load_foreign(path, _cfg(), list("abc"))
     cfg = _cfg()
     cfg["load"] = {"partial": ["head"]}
@@ -185,7 +186,8 @@ def test_deit_small_mctformer_file_into_the_vit_b_profile_raises(tmp_path):
                                                        "infer.map=attn"])
     names = [f"c{i}" for i in range(20)]
     with pytest.raises(CheckpointError, match=r"mctformer_v1_deit_s\.pth: \d+ tensors have other shapes than the "
-                                              r"model's: .*\(file \(1, 20, 384\), model \(1, 20, 768\)\)"):
+                                              r"model's: .*\(file \(1, 20, 384\), model \(1, 20, 768\)\).*--set "
+                                              r"model\.backbone\.name=deit-s16 model\.text_tokens=false"):
         MMCST.load_foreign(path, cfg, names)
     # with the DeiT-S backbone it loads; the MMCST parts of the full paper model are refused unless named
     small = load_method_config("mmcst", "paper", "voc", ["model.backbone.name=deit-s16", "model.text_tokens=false",
