@@ -164,3 +164,17 @@ def test_pointing_records_are_the_pointing_game_per_class(random_run):
     assert len(per_class) == result["pointing_classes_evaluated"]
     n_classes = create_dataset("synthetic-voc", split="test").num_classes  # TorchRay: unseen classes count 0
     assert sum(per_class.values()) / n_classes == pytest.approx(result["pointing_game"])
+
+
+def test_phrase_records_are_the_phrase_pointing_counts(random_run):
+    """Phrase grounding (synthetic Flickr30k): one record per (image, entity) whose hits are the metric's."""
+    from dataclasses import replace
+
+    spec, _ = random_run
+    res = run(replace(spec, dataset="synthetic-flickr30k", limit=2))
+    recs = records.read(res.run_dir)
+    assert recs and all({"image_id", "entity", "phrases", "gt_boxes"} <= set(r) for r in recs)
+    v = [r["variants"]["default"] for r in recs]
+    assert all({"health", "point", "point_hit", "boxes"} <= set(x) for x in v)
+    hits = sum(x["point_hit"] for x in v)
+    assert 100 * hits / len(recs) == pytest.approx(res.record["results"]["default"]["pointing_game"])

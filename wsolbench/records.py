@@ -99,6 +99,12 @@ def _health(raw: np.ndarray) -> dict[str, bool]:
     return {"nonfinite": bool(c["nonfinite_maps"]), "constant": bool(c["constant_maps"])}
 
 
+def _min_max(m: np.ndarray) -> np.ndarray:
+    """A raw map scaled to [0, 1] for storing (a constant map gives zeros)."""
+    lo, hi = float(m.min()), float(m.max())
+    return (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
+
+
 def _point(m: np.ndarray) -> list[int]:
     """The pointing point: the map's argmax (first in row-major order) as [x, y]."""
     y, x = np.unravel_index(int(np.argmax(m)), m.shape)
@@ -211,9 +217,7 @@ def pointing_records(samples: Sequence[Any], pairs: Sequence[tuple[int, int]], s
                 v["points"][str(c)] = _point(m)
                 v["point_hits"][str(c)] = bool(game.state_dict()["hits"].sum())
                 if maps_dir is not None:
-                    lo, hi = float(m.min()), float(m.max())
-                    save_map(map_path(maps_dir, variant, s.image_id, f"_c{c}"),
-                             quantize((m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)))
+                    save_map(map_path(maps_dir, variant, s.image_id, f"_c{c}"), quantize(_min_max(m)))
                 g = np.asarray(gt)
                 if g.ndim == 2 and g.shape == m.shape:
                     if maps_dir is not None:
@@ -235,14 +239,12 @@ def phrase_record(sample: Any, entity: Any, maps: dict[str, np.ndarray], maps_di
     for variant, m in maps.items():
         pp = PhrasePointing()
         pp.update([m], [entity.boxes])
-        finite = bool(np.isfinite(m).all())
-        variants[variant] = {"health": {"nonfinite": not finite, "constant": finite and float(m.max()) == float(m.min())},
-                             "point": _point(m), "point_hit": bool(int(pp.state_dict()["hits"])),
+        health = _health(m)
+        finite = not health["nonfinite"]
+        variants[variant] = {"health": health, "point": _point(m), "point_hit": bool(int(pp.state_dict()["hits"])),
                              "boxes": [[round(float(c), 2) for c in generate_box(m)]] if finite else []}
         if maps_dir is not None and finite:
-            lo, hi = float(m.min()), float(m.max())
-            norm = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
-            save_map(map_path(maps_dir, variant, sample.image_id, f"_e{entity.entity_id}"), quantize(norm))
+            save_map(map_path(maps_dir, variant, sample.image_id, f"_e{entity.entity_id}"), quantize(_min_max(m)))
     return {"image_id": sample.image_id, "entity": entity.entity_id, "phrases": list(entity.phrases),
             "path": str(sample.image_path), "gt_boxes": np.asarray(entity.boxes).tolist(), "variants": variants}
 

@@ -124,7 +124,8 @@ def _caption(r: dict, v: dict) -> str:
     parts = []
     o = rec_mod.box_result(v)
     if o is not None:
-        parts.append(f"IoU {o['best_iou']:.2f} {'hit' if o['hit'].get('50', False) else 'miss'} τ={o['tau'].get('50', 0):.2f}")
+        hit = "hit" if o["hit"].get("50", False) else "miss"
+        parts.append(f"IoU {o['best_iou']:.2f} {hit} τ={o['tau'].get('50', 0):.2f}")
     if "piou" in v:
         parts.append(f"pIoU {v['piou']:.1f}")
     if "miou" in v:
@@ -148,8 +149,8 @@ def row(runs: Sequence[Run], key: str, variant: str) -> list[dict]:
     anchor = next(run for run in runs if key in run.by_key())
     m0 = _map(anchor, variant, first)
     img = _image(first["path"], m0.shape if m0 is not None else None)
-    label = first.get("label", first.get("labels", first.get("phrases", "")))
-    cells = [dict(image=img, gt=_gt(anchor, first), title=f"{key}\nGT {label}"[:90])]
+    label = first.get("label", first.get("labels", "; ".join(dict.fromkeys(first.get("phrases", [])))))
+    cells = [dict(image=img, gt=_gt(anchor, first), title=f"{key}\nGT {str(label)[:36]}")]
     for run in runs:
         r = run.by_key().get(key)
         if r is None:
@@ -282,7 +283,8 @@ def _html(runs: Sequence[Run], keys: Sequence[str], variant: str, grids: Sequenc
                          f"{e(json.dumps(run.metrics['protocol'], indent=1, ensure_ascii=False))}</pre></details>")
         for r, name in curves:
             if r is run:
-                parts.append(f"<h3>Curves</h3><a href='{e(name)}'><img src='{e(name)}' alt='curves of {e(run.name)}'></a>")
+                parts.append(f"<h3>Curves</h3><a href='{e(name)}'>"
+                             f"<img src='{e(name)}' alt='curves of {e(run.name)}'></a>")
     parts.append("<h2>Images</h2>")
     for name in grids:
         parts.append(f"<a href='{e(name)}'><img class='grid' src='{e(name)}' alt='{e(name)}'></a>")
