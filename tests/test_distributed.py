@@ -116,6 +116,8 @@ def test_launch_environment_is_read_and_checked(monkeypatch):
     assert (w.rank, w.size, w.local_rank, w.local_size) == (3, 4, 1, 2)
     assert distributed.rank_device("cuda", w) == "cuda:1" and distributed.rank_device("cpu", w) == "cpu"
     assert pipeline.default_workers(World(local_size=64)) == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)))
+    assert pipeline.default_workers(World(local_size=4)) == 6 and pipeline.default_workers(World()) == 8
 
 
 def test_data_parallel_fit_list_matches_the_methods_code():
@@ -130,6 +132,14 @@ def test_data_parallel_fit_list_matches_the_methods_code():
 
 
 # ---- the pipeline in one process ---------------------------------------------------------------------
+@pytest.fixture
+def shared_env(env, monkeypatch, tmp_path):
+    """In-process runs on the module's data root (the synthetic worlds are written once); runs in tmp_path."""
+    for k in ("WSOLBENCH_DATA", "WSOLBENCH_CACHE", "WSOLBENCH_WEIGHTS", "WSOLBENCH_CONFIG"):
+        monkeypatch.setenv(k, env[k])
+    return tmp_path
+
+
 def _naive(evaluator, dataset, spans, on_error, opts, desc):
     """The plain loop the pipeline replaces: decode, localize, score, one batch after the other."""
     for k, (start, stop) in enumerate(spans):
@@ -138,10 +148,9 @@ def _naive(evaluator, dataset, spans, on_error, opts, desc):
         yield k, (*evaluator.process(samples, images), [])
 
 
-@pytest.mark.parametrize("method,dataset", [("random", "synthetic-cub"), ("center", "synthetic-voc")])
-def test_workers_and_overlap_give_the_plain_loops_numbers(isolated_env, monkeypatch, method, dataset):
+def test_workers_and_overlap_give_the_plain_loops_numbers(shared_env, monkeypatch):
     def go(run_id, workers):
-        r = run(RunSpec(method=method, dataset=dataset, limit=20, out=isolated_env / "runs", progress=False,
+        r = run(RunSpec(method="random", dataset="synthetic-cub", limit=20, out=shared_env / "runs", progress=False,
                         overrides=("harness.batch_size=4",), run_id=run_id, workers=workers))
         return r.results, (r.run_dir / "per_image.jsonl").read_text(), r.record
 
@@ -153,8 +162,8 @@ def test_workers_and_overlap_give_the_plain_loops_numbers(isolated_env, monkeypa
     assert piped[:2] == plain[:2]
 
 
-def test_amp_is_a_separate_recorded_run(isolated_env):
-    base = dict(method="center", dataset="synthetic-cub", limit=8, out=isolated_env / "runs", progress=False,
+def test_amp_is_a_separate_recorded_run(shared_env):
+    base = dict(method="center", dataset="synthetic-cub", limit=8, out=shared_env / "runs", progress=False,
                 workers=0)
     plain, amp = run(RunSpec(**base)), run(RunSpec(**base, amp="bf16"))
     assert amp.run_dir != plain.run_dir and amp.record["parallel"]["amp"] == "bf16"

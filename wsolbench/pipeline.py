@@ -36,14 +36,14 @@ class EvalOptions:
 
 
 def default_workers(world: World) -> int:
-    """Decoding processes per rank: this rank's share of the CPU cores (at most ``MAX_WORKERS``); 0 below
-    two cores, where a worker would only compete with the model for the one core."""
+    """Decoding processes per rank: the rank's share of the CPU cores less the two its own threads keep busy
+    (model calls, scoring), at most ``MAX_WORKERS``. On 2 cores that is 0: decoding in the main thread, ahead
+    of the scoring threads, was faster there than worker processes (bench/harness_bench.py)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    per_rank = cores // max(1, world.local_size)
-    return min(MAX_WORKERS, per_rank) if per_rank >= 2 else 0
+    return max(0, min(MAX_WORKERS, cores // max(1, world.local_size) - 2))
 
 
 def check_amp(amp: str | None) -> str | None:
