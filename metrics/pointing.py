@@ -115,15 +115,18 @@ class PointingGame(Metric):
     point), ``gts[i]`` either a boolean H×W mask of the class (COCO: union of its ``annToMask``) or an
     (N, 4) array of its boxes as 0-based inclusive pixel coordinates (VOC: XML value − 1), and
     ``class_ids[i]`` the class index in 0..num_classes−1. Pairs TorchRay skips (a VOC class whose boxes
-    are all "difficult"; the easy pairs of the EBP "difficult" subset) are simply not passed.
+    are all "difficult"; the easy pairs of the EBP "difficult" subset) are simply not passed. An empty GT
+    (e.g. a COCO annotation whose mask has no pixel) is an error unless ``allow_empty_gt=True``: then it is a
+    miss, as in TorchRay.
     """
 
     higher_is_better: ClassVar[dict[str, bool]] = {"pointing_acc": True, "pointing_acc_overall": True,
                                                    "pointing_acc_seen_classes": True}
     primary: ClassVar[str] = "pointing_acc"
 
-    def __init__(self, num_classes: int, tolerance: int = 15) -> None:
+    def __init__(self, num_classes: int, tolerance: int = 15, *, allow_empty_gt: bool = False) -> None:
         super().__init__()
+        self.allow_empty_gt = bool(allow_empty_gt)
         if int(num_classes) < 1:
             raise MetricInputError(f"num_classes must be ≥ 1, got {num_classes}")
         if int(tolerance) != tolerance or tolerance < 0:
@@ -135,7 +138,8 @@ class PointingGame(Metric):
 
     def options(self) -> dict[str, Any]:
         return {"metric": "PointingGame", "num_classes": self.num_classes, "tolerance": self.tolerance,
-                "rule": "first argmax; hit if a GT pixel has (x−u)²+(y−v)² < tolerance²; mean over classes"}
+                "rule": "first argmax; hit if a GT pixel has (x−u)²+(y−v)² < tolerance²; mean over classes",
+                "empty_gt": "miss" if self.allow_empty_gt else "error"}
 
     def update(self, maps: Any, gts: Any, class_ids: Any) -> None:
         maps_l = as_list(maps, "maps")
@@ -147,8 +151,9 @@ class PointingGame(Metric):
             where = self._where(i)
             m = _check_map(m, where)
             mask = _gt_mask(g, m.shape, where)
-            if not mask.any():
-                raise MetricInputError(f"{where}: empty GT (no box / no mask pixel) for class {c}")
+            if not mask.any() and not self.allow_empty_gt:
+                raise MetricInputError(f"{where}: empty GT (no box / no mask pixel) for class {c}; "
+                                       f"PointingGame(allow_empty_gt=True) counts it as a miss (TorchRay)")
             c = int(c)
             if not 0 <= c < self.num_classes:
                 raise MetricInputError(f"{where}: class id {c} outside 0..{self.num_classes - 1}")

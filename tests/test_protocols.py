@@ -209,6 +209,16 @@ def test_voc07_without_the_flag_file_names_the_missing_subset(isolated_env):
     assert r["pointing_game_difficult"] is None and "pointing_game_difficult" in r["not_reported"]
 
 
+def test_an_empty_class_mask_is_a_miss_in_the_pointing_game_not_an_abort():
+    m = np.zeros((20, 20), np.float32)
+    m[10, 10] = 1.0
+    game = PointingGame(2, allow_empty_gt=True)
+    game.update([m, m], [np.zeros((20, 20), bool), np.array([[8, 8, 12, 12]])], [0, 1])
+    assert (game.compute()["hits"], game.compute()["misses"]) == (1, 1)  # TorchRay: mask all False → miss
+    with pytest.raises(Exception, match="empty GT"):
+        PointingGame(2).update([m], [np.zeros((20, 20), bool)], [0])
+
+
 def test_the_real_ebp_flag_file_parses(shared_fixtures):
     from wsolbench.datasets.voc import read_ebp_flags
 
