@@ -413,9 +413,9 @@ class _PointingEvaluator(_Evaluator):
         from wsolbench.metrics import PointingGame
 
         n, tol = self.dataset.num_classes, int(self.protocol.tolerance)
-        mets: dict[str, Any] = {"all": PointingGame(n, tol), "skips": PointingSkips()}
-        if self.flags is not None:
-            mets["difficult"] = PointingGame(n, tol)
+        mets: dict[str, Any] = {"all": PointingGame(n, tol, allow_empty_gt=True), "skips": PointingSkips()}
+        if self.flags is not None:  # an empty class mask is a miss, as in TorchRay
+            mets["difficult"] = PointingGame(n, tol, allow_empty_gt=True)
         return mets
 
     def process(self, samples, images):
