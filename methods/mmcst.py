@@ -605,16 +605,11 @@ def timm_arch(name: str) -> str:
 
 
 def create_real_open_clip(arch: str, tag: str, path: str | None = None, kwargs: dict | None = None) -> nn.Module:
-    """open_clip ``arch`` with the weights ``tag`` (e.g. ViT-B-16 / openai) found offline by
-    ``wsolbench.weights``. QuickGELU follows the tag's pretrained config: open_clip only applies it for known
-    tags, not for file paths, and the OpenAI weights need it."""
-    import open_clip
-
+    """open_clip ``arch`` with the weights ``tag`` (e.g. ViT-B-16 / openai) found offline, through THE CLIP
+    loader ``wsolbench.weights.load_open_clip`` (QuickGELU for OpenAI weights, TorchScript archives)."""
     from wsolbench import weights
 
-    file = weights.resolve(f"{arch}/{tag}", path)
-    quick = bool((open_clip.get_pretrained_cfg(arch, tag) or {}).get("quick_gelu", False))
-    return open_clip.create_model(arch, pretrained=str(file), force_quick_gelu=quick, **dict(kwargs or {}))
+    return weights.load_open_clip(arch, tag, path=path, **dict(kwargs or {}))[0]
 
 
 # ============================================================================ the Localizer
@@ -1015,6 +1010,9 @@ class _ValMapSelection:
 
         best = max(range(len(history)), key=lambda i: history[i].get("val_map", -1.0))
         state = load_tensors(self.path) if self.path is not None and self.path.exists() else self.best_state
+        if state is None or "val_map" not in history[best]:
+            raise ValueError("train.select=val_map: no epoch was scored on val (resumed from a run trained with "
+                             "train.select=last?); train again without --resume, or use train.select=last")
         self.method.model.load_state_dict(state)
         return best + 1
 
