@@ -58,6 +58,12 @@ def test_fixed_tau_comes_from_the_method_config_else_the_dataset_and_overrides_a
     with pytest.raises(P.ProtocolError, match="fixes τ by its rule"):
         P.resolve(gp, {"threshold_policy": "oracle"}, {}, "cub")
     assert json.loads(json.dumps(coarse.as_record()))["interval"] == 0.01
+    with pytest.raises(P.ProtocolError, match="has no such setting"):
+        P.resolve(P.get_protocol("mctformer-miou"), {"eval_size": 224})
+    with pytest.raises(P.ProtocolError, match="threshold_policy=fixed"):
+        P.resolve(P.get_protocol("wsolevaluation"), {"tau": 0.3})
+    fixed = P.resolve(P.get_protocol("wsolevaluation"), {"tau": 0.3, "threshold_policy": "fixed"})
+    assert (fixed.threshold, fixed.tau, fixed.label()) == ("fixed", 0.3, "wsolevaluation*")
 
 
 # ---- genpromp -------------------------------------------------------------------------------------------

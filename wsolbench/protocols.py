@@ -245,10 +245,16 @@ def resolve(protocol: Protocol, harness_cfg: Mapping[str, Any], method_config: M
                                 f"for {dataset_key!r}: pass --set harness.tau=<τ>")
         p = replace(p, tau=None if tau is None else float(tau))
     changes: dict[str, Any] = {}
+    applies = {"map_size": p.map_size is not None, "interval": p.interval is not None, "tau": True,
+               "iou_thresholds": p.box_scorer == "sweep" and bool(p.iou_thresholds), "threshold": True,
+               "bg_thresholds": p.bg_thresholds is not None}
     for key, attr in OVERRIDABLE.items():
         value = harness_cfg.get(key)
         if value is None:
             continue
+        if not applies[attr]:
+            raise ProtocolError(f"--set harness.{key}: protocol {p.name!r} has no such setting (`wsolbench list "
+                                f"protocols`); drop it or choose another --protocol")
         if attr == "threshold":
             if value not in ("oracle", "val", "fixed"):
                 raise ProtocolError(f"--set harness.threshold_policy={value}: choose oracle, val or fixed")
@@ -263,6 +269,9 @@ def resolve(protocol: Protocol, harness_cfg: Mapping[str, Any], method_config: M
             changes[attr] = value
     if changes.get("threshold") == "fixed" and p.tau is None and "tau" not in changes:
         raise ProtocolError("threshold_policy 'fixed' needs a threshold: --set harness.tau=0.23")
+    if "tau" in changes and changes.get("threshold", p.threshold) != "fixed":
+        raise ProtocolError(f"--set harness.tau applies to a fixed threshold; protocol {p.name!r} uses "
+                            f"{p.threshold}: add --set harness.threshold_policy=fixed")
     notes += [f"{k}={v}" for k, v in sorted(changes.items())]
     return replace(p, **changes, overridden=tuple(notes)) if notes else p
 
