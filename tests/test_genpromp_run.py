@@ -64,6 +64,7 @@ def test_paper_profile_run_reports_top1_top5_from_the_predictions_json(tmp_path,
     record = json.loads(next((tmp_path / "runs").glob("*/metrics.json")).read_text())
     assert record["profile"] == "paper" and record["protocol"]["name"] == "genpromp"
     assert record["protocol"]["tau"] == 0.3  # the method config's inference.cam_thr reaches the protocol
+    assert record["protocol_label"] == "genpromp*"  # not the paper's 0.23: never beside the paper's number
     res = record["results"]["default"]
     assert res["top1_cls"] == pytest.approx(200 / 3) and res["top5_cls"] == 100.0  # what the JSON says
     for key in ("gt_known_loc", "top1_loc", "top5_loc"):
