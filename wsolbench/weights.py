@@ -642,19 +642,51 @@ def load_state_dict(path: str | os.PathLike, key: str | None = None, strip_prefi
 
 # ----------------------------------------------------------------------------------------- loaders
 def load_open_clip(model_name: str = "ViT-B-16", pretrained: str = "openai", path: str | os.PathLike | None = None,
-                   device: str = "cpu"):
-    """(model, tokenizer) of an OpenAI CLIP through ``open_clip.create_model(name, pretrained=<local file>)``.
+                   device: str = "cpu", **kwargs):
+    """(model, tokenizer) of a CLIP through ``open_clip.create_model(name, pretrained=<local file>)``: THE loader
+    of every method's OpenAI CLIP (WWbL, TeD-Loc, MMCST). ``kwargs`` go to ``create_model``.
 
+    OpenAI weights get QuickGELU (``force_quick_gelu``): open_clip applies it for its known tags only, not for
+    a file path (open_clip issue #771), and GELU shifts OpenAI CLIP's embeddings. An OpenAI TorchScript
+    archive (the official ``ViT-B-32.pt``) loads through open_clip's own path for it (``torch.load`` hands it to
+    ``torch.jit.load``, whose unpickler builds TorchScript objects only); anything else loads weights-only.
     The tokenizer is open_clip's ``SimpleTokenizer`` with its bundled BPE vocabulary (offline).
     """
     import open_clip
 
-    spec = _spec(model_name if pretrained == "openai" else f"{model_name}/{pretrained}")
+    spec = _spec(f"{model_name}/{pretrained}")
     file = resolve(spec.name, path)
     if file.is_dir():
         file = _file_in(file, spec) or file
-    model = open_clip.create_model(spec.source.split("/")[0], pretrained=str(file), device=device)
-    return model.eval(), open_clip.get_tokenizer(spec.source.split("/")[0])
+    arch, _, tag = spec.source.partition("/")
+    quick = openai_quick_gelu(arch, tag or pretrained)
+    archive = _is_torchscript_archive(file)
+    try:
+        model = open_clip.create_model(arch, pretrained=str(file), device=device, force_quick_gelu=quick,
+                                       weights_only=not archive, **kwargs)
+    except RuntimeError as exc:
+        raise ValueError(f"{file}: not a {arch} checkpoint open_clip can load ({' '.join(str(exc).split())[:300]}); "
+                         f"point the method's CLIP weights key (clip.weights; MMCST: model.clip.weights_path) at "
+                         f"OpenAI's {arch}.pt or an OpenAI/open_clip {arch} state dict") from exc
+    return model.eval(), open_clip.get_tokenizer(arch)
+
+
+def openai_quick_gelu(arch: str, tag: str) -> bool:
+    """Whether weights ``arch``/``tag`` were trained with QuickGELU: OpenAI's (tag ``openai``) and every tag
+    whose open_clip pretrained config says so."""
+    import open_clip
+
+    return tag == "openai" or bool((open_clip.get_pretrained_cfg(arch, tag) or {}).get("quick_gelu", False))
+
+
+def _is_torchscript_archive(file: Path) -> bool:
+    """A TorchScript zip (``torch.jit.save``; OpenAI's CLIP ``.pt`` files) rather than a ``torch.save`` file."""
+    import zipfile
+
+    if not zipfile.is_zipfile(file):
+        return False
+    with zipfile.ZipFile(file) as z:
+        return any(n.endswith("/constants.pkl") or n == "constants.pkl" for n in z.namelist())
 
 
 def load_timm(name: str, path: str | os.PathLike | None = None, **kwargs):
