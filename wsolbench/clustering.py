@@ -1,17 +1,15 @@
-"""Community detection over embeddings (the "fast clustering" rule of sentence-transformers), written here.
-
-WWbL groups the captions of its region proposals with this rule (cosine threshold 0.85, at least 2 members):
+"""Community detection over embeddings, with the rule of sentence-transformers 2.2.0 (``util.community_detection``),
+the version the official WWbL code pins; WWbL groups its proposals' captions with it (threshold 0.85, min 2):
 
 1. cosine similarity of every pair of (L2-normalised) embeddings;
-2. every point whose ``min_size``-th most similar point (itself included) is at least ``threshold`` seeds a
-   candidate community: all points with similarity >= ``threshold`` to it, ordered by decreasing similarity
-   (so the seed comes first);
-3. candidates are visited from the largest to the smallest (stable for equal sizes); the members not yet taken
-   by an earlier community form the community if at least ``min_size`` remain;
-4. the result is sorted by size, largest first.
+2. every point whose ``min_size``-th most similar point (itself included) is at least ``threshold`` gives a
+   candidate: all points with similarity >= ``threshold`` to it, by decreasing similarity;
+3. candidates are visited from the largest to the smallest (stable for equal sizes); a candidate sharing any
+   point with a community already kept is dropped WHOLE (2.2.0; later versions keep its fresh points);
+4. the kept communities, largest first.
 
-As in sentence-transformers, ``min_size`` is capped at the number of points, so a single point forms a
-community of one.
+sentence-transformers 2.2.0 fails when ``min_size`` exceeds the number of points; here that gives no community.
+The library is not a dependency: its current versions implement the later overlap rule.
 """
 from __future__ import annotations
 
@@ -31,39 +29,27 @@ def _as_unit_rows(embeddings) -> np.ndarray:
 
 
 def community_detection(embeddings, threshold: float = 0.85, min_size: int = 2) -> list[list[int]]:
-    """Communities of ``embeddings`` (N×D array or tensor) as lists of row indices, largest first.
-
-    Each community lists its seed first, then the other members by decreasing similarity to the seed.
-    """
-    x = _as_unit_rows(embeddings)
-    n = len(x)
-    if n == 0:
-        return []
+    """Communities of ``embeddings`` (N×D array or tensor) as lists of row indices, largest first; each lists
+    its members by decreasing similarity to the point that formed it."""
     if min_size < 1:
         raise ValueError(f"min_size must be >= 1, got {min_size}")
-    k = min(int(min_size), n)
+    x = _as_unit_rows(embeddings)
+    n = len(x)
+    if n < min_size:
+        return []
     sims = x @ x.T
     candidates: list[list[int]] = []
-    for i in range(n):
-        row = sims[i]
-        # the k-th largest similarity of row i (row i includes the point itself, similarity 1)
-        kth = np.partition(row, n - k)[n - k]
-        if kth >= threshold:
+    for row in sims:
+        if np.sort(row)[n - min_size] >= threshold:  # the min_size-th largest similarity of the row
             order = np.argsort(-row, kind="stable")
-            members = [int(j) for j in order if row[j] >= threshold]
-            if i in members:  # the seed first (ties at similarity 1 may sort another point ahead of it)
-                members.remove(i)
-                members.insert(0, i)
-            candidates.append(members)
-    candidates.sort(key=len, reverse=True)  # stable: equal sizes keep seed order
+            candidates.append([int(j) for j in order if row[j] >= threshold])
+    candidates.sort(key=len, reverse=True)  # stable: equal sizes keep their order
     taken: set[int] = set()
     communities: list[list[int]] = []
     for members in candidates:
-        fresh = [j for j in members if j not in taken]
-        if len(fresh) >= k:
-            communities.append(fresh)
-            taken.update(fresh)
-    communities.sort(key=len, reverse=True)
+        if taken.isdisjoint(members):
+            communities.append(members)
+            taken.update(members)
     return communities
 
 
