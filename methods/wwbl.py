@@ -5,9 +5,13 @@ CLIP as the only supervision:
 
 - L_fore = −CLIP(g∘I, t), L_back = CLIP((1−g)∘I, t) (cosine of CLIP image/text embeddings),
 - L_rmap = ||H − g||² with H the CLIP relevancy map of (I, t) (Chefer et al.; ``wsolbench.clip_relevancy``),
-- L_reg = ||g|| (mean of the map); paper weights 1, 1, 4, 1 (``loss.variant: paper``).
-  ``loss.variant: official`` is the authors' code: 0.25·mean(1 − Z_fg·Z_tᵀ) + 0.25·mean(M) + 16·MSE(M, R)
-  + 0.5·mean|Z_bg·Z_tᵀ| over the full B×B batch matrices, R from the last visual block only.
+- L_reg = ||g|| (mean of the map).
+  The default ``recipe: official`` is the authors' code (what produced the published numbers): 0.25·mean(1 −
+  Z_fg·Z_tᵀ) + 0.25·mean(M) + 16·MSE(M, R) + 0.5·mean|Z_bg·Z_tᵀ| over the full B×B batch matrices, R from the
+  last visual block only, SGD lr 0.0012, 304 px input, horizontal flip; ``recipe: paper-text`` is the paper's
+  text (weights 1, 1, 4, 1 per image pair, rollout relevancy, lr 3e-4, 299 px) — see ``apply_recipe``.
+- Test-time text: "image of " + the lower-cased phrase (``query_text``), as the official test code; the
+  open-world captions go to g as generated.
 
 Two networks (``mode``):
 
@@ -146,8 +150,9 @@ class TextConditionedG(nn.Module):
 
 
 class SequentialTaps(nn.Module):
-    """Multi-scale features of an nn.Sequential CNN (VGG-like): the output before every MaxPool and the
-    last output, shallow to deep."""
+    """Multi-scale features of an nn.Sequential CNN (VGG-like), shallow to deep: the output before every
+    MaxPool, the first MaxPool's output and the last output — for VGG16 ``features`` the official WSOL taps
+    3, 4, 8, 15, 22, 29 (relu1_2, pool1, relu2_2, relu3_3, relu4_3, relu5_3; ``models/vgg16.py VGG16Net``)."""
 
     def __init__(self, features: nn.Sequential) -> None:
         super().__init__()
@@ -155,8 +160,8 @@ class SequentialTaps(nn.Module):
         while layers and isinstance(layers[-1], nn.MaxPool2d):  # drop trailing pools: the last tap is the top
             layers.pop()
         self.Org_model = nn.Sequential(*layers)
-        self.taps = sorted({i - 1 for i, m in enumerate(layers) if isinstance(m, nn.MaxPool2d) and i > 0}
-                           | {len(layers) - 1})
+        pools = [i for i, m in enumerate(layers) if isinstance(m, nn.MaxPool2d)]
+        self.taps = sorted({i - 1 for i in pools if i > 0} | set(pools[:1]) | {len(layers) - 1})
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         outs = []
@@ -197,7 +202,11 @@ class SkipUpBlock(nn.Module):
 
 
 class UNetG(nn.Module):
-    """WSOL g(I) ∈ [0, 1]^{1×H×W}: U-Net decoder over the taps of a pretrained backbone (no text input)."""
+    """WSOL g(I) ∈ [0, 1]^{1×H×W}: U-Net decoder over the taps of a pretrained backbone (no text input).
+
+    Over VGG16's six ``SequentialTaps`` this is the official ``base.SkipDecoder``: bottleneck on relu5_3, then
+    five up blocks (512+512→512, 512+256→256, 256+128→128, 128+64→64 at the same scale, 64+64→1), each block
+    upsampling to its skip's size (= the official ×2 for inputs divisible by 32), align_corners resize, sigmoid."""
 
     def __init__(self, encoder: nn.Module, channels: Sequence[int]) -> None:
         super().__init__()
@@ -244,43 +253,26 @@ def official_key(key: str) -> str:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from ``path`` with SAFE loading only: safetensors, or ``torch.load(weights_only=True)``
-    (``wsolbench.weights.load_state_dict`` without its module-pickle fallback).
-
-    The authors' ``net_best.pth`` is a pickled DataParallel *module*, which weights-only loading refuses;
-    re-save its state dict once, in the official environment: ``torch.save(torch.load('net_best.pth')
-    .state_dict(), 'wwbl_state_dict.pth')``.
-    """
+    """The tensors of an official WWbL checkpoint: the authors' ``net_best.pth`` (``torch.save(model)`` of a
+    DataParallel module) through ``wsolbench.weights.load_state_dict``'s stub unpickler (every class an inert
+    stub: no code runs, only tensors come out, named ``module.E.Org_model.*`` / ``module.D.*``), or a state
+    dict / safetensors file (weights-only)."""
     from wsolbench.weights import load_state_dict
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"WWbL checkpoint {path} does not exist")
-    try:
-        return load_state_dict(path, allow_module_pickle=False)
-    except ValueError as exc:
-        raise ValueError(
-            f"{path}: cannot be read with torch.load(weights_only=True): it pickles a whole module (the official "
-            "net_best.pth does). Re-save its state_dict in the official code's environment: "
-            "torch.save(torch.load('net_best.pth').state_dict(), 'wwbl_state_dict.pth')") from exc
+        raise FileNotFoundError(f"WWbL checkpoint {path} does not exist (official_checkpoint / --checkpoint)")
+    return load_state_dict(path)
 
 
-def load_official_into(model: nn.Module, path: str | Path) -> list[str]:
-    """Load an official WWbL grounding state dict (``module.E.Org_model.*`` / ``module.D.*``) into a
-    ``TextConditionedG``, strictly (every tensor present, same shapes); returns the loaded keys."""
+def load_official_into(model: nn.Module, path: str | Path):
+    """Load an official WWbL grounding checkpoint into a ``TextConditionedG`` with ``checkpoint.load_exact``
+    (every tensor of the model from the file and every tensor of the file used, same shapes); returns the
+    ``LoadReport``."""
+    from wsolbench.checkpoint import load_exact
+
     state = {official_key(k): v for k, v in read_state_dict(path).items()}
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        raise ValueError(f"{path}: not a WWbL grounding checkpoint for this architecture "
-                         f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
-    bad = [k for k in own if tuple(own[k].shape) != tuple(state[k].shape)]
-    if bad:
-        raise ValueError(f"{path}: shape mismatch for {bad[:4]} (the official model is VGG16 features[:23] + a "
-                         "512-d CLIP ViT-B/32 text embedding: encoder.source torchvision)")
-    model.load_state_dict(state)
-    return sorted(state)
+    return load_exact(model, state, where=path, layout="wwbl-official-grounding")
 
 
 # ================================================================================================ CLIP
@@ -319,10 +311,11 @@ class ClipTeacher:
             return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
 
     def prepare(self, images01: torch.Tensor) -> torch.Tensor:
-        """[0, 1] images → CLIP input (resized to CLIP's size, normalised)."""
+        """[0, 1] images → CLIP input (resized to CLIP's size with ``align_corners=True``, as the official
+        training step resizes g's input for CLIP; then normalised)."""
         x = images01
         if tuple(x.shape[-2:]) != self.size:
-            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=True)
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
     def encode_image(self, clip_input: torch.Tensor) -> torch.Tensor:
@@ -505,6 +498,24 @@ def default_config() -> dict:
     return read_yaml(config_dir() / "wwbl.yaml")
 
 
+def apply_recipe(cfg: dict) -> dict:
+    """``cfg`` with the null keys that ``recipes[recipe]`` names (dotted, e.g. ``train.lr``) set to the recipe's
+    values; keys set in a config file or with --set keep their value."""
+    name = cfg.get("recipe")
+    recipes = cfg.get("recipes") or {}
+    if name not in recipes:
+        raise ValueError(f"recipe {name!r} is not one of {sorted(recipes)} (config key recipe)")
+    out = copy.deepcopy(cfg)
+    for dotted, value in recipes[name].items():
+        *path, leaf = dotted.split(".")
+        node = out
+        for part in path:
+            node = node[part]
+        if node.get(leaf) is None:
+            node[leaf] = copy.deepcopy(value)
+    return out
+
+
 def _deep_merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in (over or {}).items():
@@ -537,7 +548,7 @@ class WWbL(Localizer):
 
     def __init__(self, config: dict | None = None, class_names: Sequence[str] | None = None,
                  device: str = "cpu", *, components: dict | None = None) -> None:
-        cfg = _deep_merge(default_config(), config or {})
+        cfg = apply_recipe(_deep_merge(default_config(), config or {}))
         super().__init__(cfg, class_names, device)
         components = components or {}
         self.mode = cfg["mode"]
@@ -554,6 +565,7 @@ class WWbL(Localizer):
         self.model = (components.get("g") or build_g(cfg, self.clip.embed_dim)).to(device).eval()
         self._captioner = components.get("captioner")
         self._open_cache: OrderedDict[str, OpenWorldResult] = OrderedDict()
+        self.open_skipped: set[str] = set()  # images (content hashes) where the open-world pipeline found no cluster
         if cfg.get("official_checkpoint"):
             self.load_official_checkpoint(cfg["official_checkpoint"])
 
@@ -577,15 +589,22 @@ class WWbL(Localizer):
         name = clean_class_name(self.class_names[label]) if 0 <= label < len(self.class_names) else "object"
         return self.config["class_text"].format(**{"class": name})
 
+    def query_text(self, text: str) -> str:
+        """A test-time query as the official test code writes it: ``prefix_test`` + the phrase, lower-cased
+        when ``lower_test`` (``"image of " + phrase.lower()``, the training captions' form)."""
+        t = self.config["text"]
+        return t["prefix_test"] + (str(text).lower() if t["lower_test"] else str(text))
+
     def g_maps(self, images01: torch.Tensor, texts: Sequence[str] | None = None,
-               out_size: tuple[int, int] | None = None) -> torch.Tensor:
-        """g's maps B×1×H×W for [0, 1] images (grounding mode: one text per image, prefixed as at test time)."""
+               out_size: tuple[int, int] | None = None, as_query: bool = True) -> torch.Tensor:
+        """g's maps B×1×H×W for [0, 1] images (grounding mode: one text per image). ``as_query``: the texts are
+        test queries (``query_text``); False feeds them as they are (open-world captions, as the official code)."""
         x = self._g_input(images01)
         if self.mode == "wsol":
             return self.model(x, None, out_size)
         if texts is None or len(texts) != x.shape[0]:
             raise InputError("grounding mode needs one text per image")
-        z = self.clip.encode_text([self.config["text"]["prefix_test"] + t for t in texts])
+        z = self.clip.encode_text([self.query_text(t) for t in texts] if as_query else list(texts))
         return self.model(x, z, out_size)
 
     # ----------------------------------------------------------------------------------- interface
@@ -625,14 +644,14 @@ class WWbL(Localizer):
             with torch.no_grad():
                 maps.append(self.g_maps(x01.expand(k, -1, -1, -1), q)[:, 0])
             if "clip" in extras_wanted:
-                z = self.clip.encode_text(q)
+                z = self.clip.encode_text([self.query_text(t) for t in q])
                 extra_maps["clip"].append(self.clip.relevancy(x01.expand(k, -1, -1, -1), z,
                                                               self.config["relevancy"]["mode"],
                                                               tuple(x01.shape[-2:]))[:, 0])
             if "open" in extras_wanted:
                 res = self.open_world(img)
-                if len(res.captions) == 0:
-                    extra_maps["open"].append(torch.zeros(k, *x01.shape[-2:]))
+                if len(res.captions) == 0:  # no caption cluster: the official metric skips the image (NaN = no map)
+                    extra_maps["open"].append(torch.full((k, *x01.shape[-2:]), float("nan")))
                 else:  # group: the K texts are one entity's phrases (the harness, WWbL's protocol); each: K queries
                     groups = [list(q)] if self.config["eval"]["open_match"] == "group" else [[t] for t in q]
                     idx = self.match_captions(groups, res.embeddings)
@@ -660,20 +679,27 @@ class WWbL(Localizer):
         return self._captioner
 
     def caption_crops(self, crops: list) -> list[str]:
+        """One caption per crop: a callable captioner as it answers; a transformers BLIP (model, processor)
+        prompted with ``captioner.prompt`` (BLIP's "a picture of "), beam search, the prompt removed."""
         if callable(self.captioner) and not isinstance(self.captioner, tuple):
             return [str(c).strip() for c in self.captioner(crops)]
         model, processor = self.captioner
         c = self.config["captioner"]
+        prompt = c.get("prompt") or ""
         out: list[str] = []
         bs = int(c["batch_size"])
         for i in range(0, len(crops), bs):
-            inputs = processor(images=crops[i:i + bs], return_tensors="pt")
-            kwargs = dict(num_beams=int(c["num_beams"]), max_length=int(c["max_length"]), do_sample=False)
+            batch = crops[i:i + bs]
+            kw = {"text": [prompt] * len(batch)} if prompt else {}
+            inputs = processor(images=batch, return_tensors="pt", **kw)
+            gen = dict(num_beams=int(c["num_beams"]), max_length=int(c["max_length"]), do_sample=False)
             if c.get("min_length"):
-                kwargs["min_length"] = int(c["min_length"])
+                gen["min_length"] = int(c["min_length"])
+            if prompt:
+                gen["input_ids"] = inputs["input_ids"].to(model.device)
             with torch.no_grad():
-                ids = model.generate(pixel_values=inputs["pixel_values"].to(model.device), **kwargs)
-            out += [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
+                ids = model.generate(pixel_values=inputs["pixel_values"].to(model.device), **gen)
+            out += [strip_prompt(t, prompt) for t in processor.batch_decode(ids, skip_special_tokens=True)]
         return out
 
     def open_world(self, image: Any) -> OpenWorldResult:
@@ -693,24 +719,26 @@ class WWbL(Localizer):
             return self._open_cache[key]
         o = self.config["open"]
         w0, h0 = pil.size
-        props = wwbl_proposals(pil, size=o["proposal_size"], mode=o["selective_search"],
-                               grid_fractions=tuple(o["grid_fractions"]), min_area_frac=float(o["min_area_frac"]),
-                               max_proposals=o["max_proposals"], seed=int(o["seed"]))
-        crops = [pil.crop(tuple(int(round(v)) for v in b)) for b in props]
+        size = int(o["proposal_size"])
+        # selective search sees g's normalised input at 224 (official); crops come from the PIL image resized
+        # to 224 (PIL's default bicubic, as the official np_img)
+        ss_input = self._g_input(self._images01([pil], size=size))[0].permute(1, 2, 0).contiguous().numpy()
+        boxes224 = wwbl_proposals(ss_input, mode=o["selective_search"], grid_fractions=tuple(o["grid_fractions"]),
+                                  min_area_frac=float(o["min_area_frac"]), max_proposals=o["max_proposals"])
+        small = pil.resize((size, size), Image.BICUBIC)
+        crops = [small.crop(tuple(int(v) for v in b)) for b in boxes224]
+        props = (boxes224 * np.array([w0 / size, h0 / size, w0 / size, h0 / size])).astype(np.float32)
         captions = self.caption_crops(crops) if crops else []
         emb = self.clip.encode_text(captions) if captions else torch.zeros(0, self.clip.embed_dim)
         clusters = community_detection(emb.cpu(), threshold=float(o["cluster_threshold"]),
                                        min_size=int(o["cluster_min_size"])) if captions else []
-        if not clusters and captions and o["fallback"] == "singletons":
-            first: dict[str, int] = {}
-            for i, c in enumerate(captions):
-                first.setdefault(c, i)
-            clusters = [[i] for i in first.values()]
+        if not clusters:
+            self.open_skipped.add(key)
         names = [captions[closest_to_centroid(emb.cpu(), c)] for c in clusters]
         if names:
             x01 = self._images01([pil])
             with torch.no_grad():
-                maps = self.g_maps(x01.expand(len(names), -1, -1, -1), names)[:, 0].float().cpu()
+                maps = self.g_maps(x01.expand(len(names), -1, -1, -1), names, as_query=False)[:, 0].float().cpu()
             boxes = np.stack([self.map_box(m.numpy(), (w0, h0)) for m in maps]).astype(np.float32)
             name_emb = self.clip.encode_text(names).cpu()
         else:
@@ -726,11 +754,12 @@ class WWbL(Localizer):
 
     def match_captions(self, phrase_groups: Sequence[Sequence[str]], caption_embeddings: torch.Tensor) -> list[int]:
         """For each GT entity (one or more phrases), the index of the closest predicted caption in CLIP space:
-        argmax over captions of <mean of the phrases' normalised embeddings, caption embedding> (WWbL code)."""
+        argmax over captions of <mean of the phrases' normalised embeddings, caption embedding> (the official
+        metric: the GT phrases as test queries, ``query_text``; the captions as generated)."""
         out = []
         cap = F.normalize(caption_embeddings.float().cpu(), dim=-1)
         for phrases in phrase_groups:
-            z = self.clip.encode_text(list(phrases)).cpu().mean(dim=0)
+            z = self.clip.encode_text([self.query_text(p) for p in phrases]).cpu().mean(dim=0)
             out.append(int(torch.argmax(cap @ z)))
         return out
 
@@ -911,9 +940,10 @@ class WWbL(Localizer):
 
     def val_pointing(self, samples: Sequence[Any]) -> float:
         """Pointing accuracy (``wsolbench.metrics.PhrasePointing``: argmax of the map resized to the image,
-        inside a GT box) on ``samples``: per (image, phrase with boxes) for phrase data, per image with its
+        inside the union of the GT boxes, as the official ``inference_bbox``) on ``samples``: per (image, phrase with boxes) for phrase data, per image with its
         class text for box data. The model-selection criterion of the official code."""
         from wsolbench.metrics import PhrasePointing
+        from wsolbench.metrics.pointing import union_box
 
         metric = PhrasePointing()
         self.model.eval()
@@ -929,15 +959,23 @@ class WWbL(Localizer):
             x01 = self._images01([img])
             with torch.no_grad():
                 maps = self.g_maps(x01.expand(len(queries), -1, -1, -1), [q[0] for q in queries])[:, 0]
-            metric.update(list(maps.float().cpu().numpy()), [q[1] for q in queries], [img.size] * len(queries))
+            metric.update(list(maps.float().cpu().numpy()), [union_box(q[1]) for q in queries],
+                          [img.size] * len(queries))
         return float(metric.compute()["pointing_acc"]) if metric.count else 0.0
 
     # ---------------------------------------------------------------------------------- persistence
     def load_official_checkpoint(self, path: str | Path) -> None:
-        """Load the authors' grounding g (a state dict with ``module.E.Org_model.*`` / ``module.D.*`` keys)."""
+        """Load the authors' grounding g (their pickled ``net_best.pth`` or its state dict; ``module.E.Org_model.*``
+        / ``module.D.*`` keys); ``load_report`` records what it gave."""
         if self.mode != "grounding":
-            raise ValueError("the official checkpoint is the grounding model; set mode: grounding")
-        load_official_into(self.model, path)
+            raise ValueError(f"{path}: the official checkpoint is the grounding model; set mode: grounding")
+        self.load_report = load_official_into(self.model, path)
+
+    @classmethod
+    def load_foreign(cls, path: str | Path, config: dict, class_names: Sequence[str] | None = None,
+                     device: str = "cpu") -> "WWbL":
+        """``wsolbench run --checkpoint FILE``: the authors' grounding checkpoint, as ``official_checkpoint``."""
+        return cls(_deep_merge(config, {"official_checkpoint": str(path)}), class_names, device)
 
 
 class _BestKeeper:
@@ -982,6 +1020,12 @@ def _load_vgg_features(trunk: nn.Sequential, state: dict[str, torch.Tensor]) -> 
         raise ValueError(f"not torchvision VGG16 weights: {len(missing)} tensors missing, e.g. {missing[:3]}")
     trunk.load_state_dict(mapped)
     return sorted(mapped)
+
+
+def strip_prompt(caption: str, prompt: str) -> str:
+    """A BLIP caption without its prompt (BLIP's ``generate`` returns ``caption[len(prompt):]``)."""
+    caption, stem = caption.strip(), prompt.strip()
+    return caption[len(stem):].strip() if stem and caption.lower().startswith(stem.lower()) else caption
 
 
 def grounding_box(m: np.ndarray) -> np.ndarray:
@@ -1033,17 +1077,19 @@ def evaluate_wwbl_protocol(method: WWbL, dataset: Any, variants: Sequence[str] =
 
     - ``grounding``: g's maps of the entity's phrases, averaged;
     - ``open``: the open-world pipeline runs once per image (no text); the entity's phrases (mean of their
-      normalised CLIP embeddings) pick the closest predicted caption, whose map is scored — an image where the
-      pipeline produced no caption scores an all-zero map (a miss);
+      normalised CLIP embeddings, as test queries) pick the closest predicted caption, whose map is scored; an
+      image where the pipeline formed no caption cluster is skipped, as the official metric does, and counted
+      (``skipped_images``);
     - ``clip``: the CLIP relevancy maps of the phrases, averaged (the teacher).
 
-    Pointing: argmax inside any of the entity's boxes; box accuracy: the grounding box vs the union GT box.
-    ``limit``: the first N images. Returns {variant: {pointing_game, bbox_acc, entities}}.
+    Pointing: argmax inside the entity's union box; box accuracy: the grounding box vs the union GT box.
+    ``limit``: the first N images. Returns {variant: {pointing_game, bbox_acc, entities, skipped_images}}.
     """
     import cv2
 
     from wsolbench.datasets.flickr30k import grounding_samples
     from wsolbench.metrics import GroundingBoxAccuracy, PhrasePointing
+    from wsolbench.metrics.pointing import union_box
 
     samples = list(dataset)[:limit] if limit else list(dataset)
     queries = grounding_samples(samples, min_area_frac=min_area_frac)
@@ -1052,12 +1098,15 @@ def evaluate_wwbl_protocol(method: WWbL, dataset: Any, variants: Sequence[str] =
         by_image.setdefault(q.image_id, []).append(q)
     paths = {s.image_id: s for s in samples}
     mets = {v: (PhrasePointing(), GroundingBoxAccuracy()) for v in variants}
+    skipped = dict.fromkeys(variants, 0)
     method.model.eval()
     for image_id, qs in by_image.items():
         img = paths[image_id].load_image()
         w, h = img.size
         x01 = method._images01([img])
         res = method.open_world(img) if "open" in variants else None
+        if res is not None and not res.captions:
+            skipped["open"] += 1
         for q in qs:
             phrases = list(q.phrases)
             for v in variants:
@@ -1065,21 +1114,21 @@ def evaluate_wwbl_protocol(method: WWbL, dataset: Any, variants: Sequence[str] =
                     with torch.no_grad():
                         m = method.g_maps(x01.expand(len(phrases), -1, -1, -1), phrases)[:, 0].mean(0)
                 elif v == "clip":
-                    z = method.clip.encode_text(phrases)
+                    z = method.clip.encode_text([method.query_text(p) for p in phrases])
                     m = method.clip.relevancy(x01.expand(len(phrases), -1, -1, -1), z,
                                               method.config["relevancy"]["mode"], tuple(x01.shape[-2:]))[:, 0].mean(0)
                 elif v == "open":
-                    if res.captions:
-                        m = res.maps[method.match_captions([phrases], res.embeddings)[0]]
-                    else:
-                        m = torch.zeros(x01.shape[-2:])
+                    if not res.captions:
+                        continue
+                    m = res.maps[method.match_captions([phrases], res.embeddings)[0]]
                 else:
                     raise ValueError(f"unknown variant {v!r}; use grounding, open, clip")
                 mm = cv2.resize(m.float().cpu().numpy(), (w, h), interpolation=cv2.INTER_LINEAR)
-                mets[v][0].update([mm], [q.boxes])
+                mets[v][0].update([mm], [union_box(q.boxes)])
                 mets[v][1].update([mm], [q.boxes])
     out = {}
     for v, (pt, bx) in mets.items():
         out[v] = {"pointing_game": pt.compute()["pointing_acc"] if pt.count else float("nan"),
-                  "bbox_acc": bx.compute()["box_acc"] if bx.count else float("nan"), "entities": pt.count}
+                  "bbox_acc": bx.compute()["box_acc"] if bx.count else float("nan"), "entities": pt.count,
+                  "skipped_images": skipped[v]}
     return out

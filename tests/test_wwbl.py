@@ -89,12 +89,23 @@ def test_unet_g_range_and_shapes():
     from wsolbench.zoo import create_backbone
 
     enc = wwbl.SequentialTaps(create_backbone("vgg", "micro").features)
-    assert len(enc.taps) == 5  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+    assert enc.taps == [3, 4, 8, 15, 22, 29]  # relu1_2, pool1, relu2_2, relu3_3, relu4_3, relu5_3 (VGG16Net)
     g = wwbl.UNetG(enc, wwbl.feature_channels(enc, 32)).eval()
-    assert len(g.ups) == 4
+    assert len(g.ups) == 5
     with torch.no_grad():
-        m = g(torch.randn(2, 3, 48, 40))
-    assert m.shape == (2, 1, 48, 40) and float(m.min()) >= 0 and float(m.max()) <= 1
+        m = g(torch.randn(2, 3, 64, 96))
+    assert m.shape == (2, 1, 64, 96) and float(m.min()) >= 0 and float(m.max()) <= 1
+
+
+def test_unet_over_vgg16_is_the_official_skip_decoder():
+    """base.SkipDecoder over VGG16Net's taps: bottleneck 512→512, then up1..up5 with (in, out) channels
+    (512+512, 512), (512+256, 256), (256+128, 128), (128+64, 64) without upsampling, (64+64, 1) raw."""
+    g = wwbl.build_g(micro_config("wsol", unet={"backbone": "vgg16", "probe_size": 32}), 32)
+    assert g.E.taps == [3, 4, 8, 15, 22, 29]
+    assert (g.bottleneck.conv1.in_channels, g.bottleneck.conv1.out_channels) == (512, 512)
+    assert [(u.conv1.in_channels, u.conv1.out_channels) for u in g.ups] == \
+        [(1024, 512), (768, 256), (384, 128), (192, 64), (128, 1)]
+    assert not g.ups[-1].act and all(u.act for u in g.ups[:-1])
 
 
 OFFICIAL_CONVS = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21)
@@ -125,17 +136,24 @@ def test_official_state_dict_keys_load(tmp_path):
     torch.save(official, path)
     fresh = _official_like_g()
     loaded = wwbl.load_official_into(fresh, path)
-    assert len(loaded) == len(expected)
+    assert len(loaded.loaded) == len(expected)
     assert torch.equal(fresh.state_dict()["D.up0.conv2.weight"], official["module.D.up0.conv2.weight"])
-    # a pickled module (what the authors saved) is refused by weights_only loading, with the fix in the message
+    # the authors' file pickles the whole DataParallel module: the stub unpickler reads its tensors, runs no code
+    g.load_state_dict({k[len("module."):]: v for k, v in official.items()})
     pickled = tmp_path / "net_best.pth"
-    torch.save(torch.nn.Linear(2, 2), pickled)
-    with pytest.raises(ValueError, match="state_dict"):
-        wwbl.load_official_into(fresh, pickled)
+    torch.save(torch.nn.DataParallel(g), pickled)
+    again = _official_like_g()
+    report = wwbl.load_official_into(again, pickled)
+    assert len(report.loaded) == len(expected) and not report.missing and not report.unexpected
+    for k, v in again.state_dict().items():
+        assert torch.equal(v, fresh.state_dict()[k]), k
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "other.pth")  # a pickled module of something else
+    with pytest.raises(ValueError, match="not in the file"):
+        wwbl.load_official_into(fresh, tmp_path / "other.pth")
     bad = dict(official)
     bad.pop("module.D.up1.BN2.weight")
     torch.save(bad, tmp_path / "bad.pth")
-    with pytest.raises(ValueError, match="missing"):
+    with pytest.raises(ValueError, match=r"D\.up1\.BN2\.weight"):
         wwbl.load_official_into(fresh, tmp_path / "bad.pth")
 
 
@@ -251,6 +269,76 @@ def test_open_world_pipeline_returns_box_caption_pairs():
     assert res.captions[idx[0]] == "green grass"
 
 
+def test_test_time_text_is_the_official_query(method, monkeypatch):
+    """Phrases go to g as "image of " + phrase.lower() (datasets/flicker.py); open-world captions as generated;
+    GT phrases matched to captions get the phrase treatment, the captions none."""
+    seen = []
+    encode = method.clip.encode_text
+
+    def spy(texts):
+        seen.append(list(texts))
+        return encode(texts)
+
+    monkeypatch.setattr(method.clip, "encode_text", spy)
+    method.localize([scene()], texts=[["A Red Square"]])
+    assert seen[-1] == ["image of a red square"]
+    method.g_maps(method._images01([scene()]), ["A caption"], as_query=False)
+    assert seen[-1] == ["A caption"]
+    method.match_captions([["The Grass", "grass"]], torch.zeros(2, method.clip.embed_dim))
+    assert seen[-1] == ["image of the grass", "image of grass"]
+
+
+class _FakeBlipProcessor:
+    def __call__(self, images, return_tensors, text=None):
+        self.text = text
+        return {"pixel_values": torch.zeros(len(images), 3, 4, 4), "input_ids": torch.zeros(len(images), 5).long()}
+
+    def batch_decode(self, ids, skip_special_tokens):
+        return ["a picture of a red square on grass"] * len(ids)
+
+
+class _FakeBlip:
+    device = torch.device("cpu")
+
+    def generate(self, **kwargs):
+        self.kwargs = kwargs
+        return torch.zeros(len(kwargs["pixel_values"]), 3).long()
+
+
+def test_blip_captions_use_the_official_prompt_and_beam():
+    cfg = micro_config(captioner={"prompt": "a picture of ", "num_beams": 3, "min_length": 5, "max_length": 30})
+    model, processor = _FakeBlip(), _FakeBlipProcessor()
+    m = wwbl.WWbL.from_components(cfg, clip=wwbl.build_clip(cfg, "cpu"), g=wwbl.build_g(cfg, 32),
+                                  captioner=(model, processor))
+    caps = m.caption_crops([scene(), scene()])
+    assert caps == ["a red square on grass"] * 2  # the prompt is stripped, as BLIP's generate does
+    assert processor.text == ["a picture of "] * 2 and "input_ids" in model.kwargs
+    assert (model.kwargs["num_beams"], model.kwargs["min_length"], model.kwargs["max_length"]) == (3, 5, 30)
+    paper = wwbl.default_config()["captioner"]
+    assert (paper["prompt"], paper["num_beams"], paper["min_length"], paper["max_length"]) == \
+        ("a picture of ", 3, 5, 30)
+    assert wwbl.strip_prompt("a picture of a dog", "a picture of ") == "a dog"
+    assert wwbl.strip_prompt("two dogs", "a picture of ") == "two dogs"
+
+
+def test_an_image_without_caption_cluster_is_skipped_and_counted(tmp_path):
+    """Every proposal gets its own unrelated caption: no cluster of 2 forms. The official metric skips such
+    an image; wsolbench counts it, gives NaN 'open' maps (no prediction) and scores nothing for it."""
+    cfg = micro_config(eval={"extras": ["open"]})
+    words = iter(range(10**6))
+    m = wwbl.WWbL.from_components(cfg, clip=wwbl.build_clip(cfg, "cpu"), g=wwbl.build_g(cfg, 32),
+                                  captioner=lambda crops: [f"thing number {next(words)}" for _ in crops])
+    m.config["open"]["cluster_threshold"] = 1.01  # distinct captions never reach it
+    res = m.open_world(scene())
+    assert res.captions == [] and res.clusters == [] and len(res.proposal_captions) > 0
+    assert len(m.open_skipped) == 1
+    out = m.localize([scene()], texts=[["a red square"]])
+    assert torch.isnan(out.extras["open"]).all() and torch.isfinite(out.maps).all()
+    scores = wwbl.evaluate_wwbl_protocol(m, _Captioned(tmp_path / "d", n=2), variants=("grounding", "open"))
+    assert scores["open"]["skipped_images"] == 2 and scores["open"]["entities"] == 0
+    assert scores["grounding"]["skipped_images"] == 0 and scores["grounding"]["entities"] == 2
+
+
 def test_open_world_with_zoo_captioner_runs(method):
     out = method.localize([scene()])
     assert len(out.captions[0]) == out.boxes[0].shape[0] == out.maps.shape[1] or len(out.captions[0]) == 0
@@ -334,14 +422,35 @@ def test_config_files_resolve():
     from wsolbench.config import load_method_config
 
     paper = load_method_config("wwbl", "paper", "flickr30k")
-    assert paper["mode"] == "grounding" and paper["loss"]["variant"] == "paper"
+    assert paper["mode"] == "grounding" and paper["recipe"] == "official"
     assert paper["eval"]["extras"] == ["open", "clip"]
+    assert paper["protocol"]["phrases"] == "wwbl-grounding"
     cub = load_method_config("wwbl", "paper", "cub")
     assert cub["mode"] == "wsol" and cub["class_text"] == "bird" and cub["train"]["batch_size"] == 48
+    assert cub["mean"] == cub["std"] == [0.5, 0.5, 0.5] and cub["protocol"]["boxes"] == "wwbl-cub"
     tiny = load_method_config("wwbl", "tiny", "cub")
     assert tiny["mode"] == "wsol" and tiny["clip"]["source"] == "zoo" and tiny["unet"]["backbone"] == "zoo-vgg"
-    official = load_method_config("wwbl", "paper", None, ["loss.variant=official", "relevancy.mode=last"])
-    assert official["loss"]["variant"] == "official"
+
+
+def _recipe_keys(cfg):
+    return (cfg["loss"]["variant"], cfg["relevancy"]["mode"], cfg["train"]["lr"], cfg["train"]["size"],
+            cfg["train"]["hflip"])
+
+
+def test_training_recipes_by_name():
+    from wsolbench.config import load_method_config
+
+    official = wwbl.apply_recipe(load_method_config("wwbl", "paper", "flickr30k"))
+    assert _recipe_keys(official) == ("official", "last", 0.0012, 304, True)
+    text = wwbl.apply_recipe(load_method_config("wwbl", "paper", "flickr30k", ["recipe=paper-text"]))
+    assert _recipe_keys(text) == ("paper", "rollout", 0.0003, 299, False)
+    mixed = wwbl.apply_recipe(load_method_config("wwbl", "paper", None, ["recipe=paper-text", "train.lr=0.01"]))
+    assert _recipe_keys(mixed) == ("paper", "rollout", 0.01, 299, False)  # a value the user sets wins
+    cub = wwbl.apply_recipe(load_method_config("wwbl", "paper", "cub"))
+    assert _recipe_keys(cub) == ("paper", "rollout", 0.0003, 224, True)
+    assert wwbl.DEFAULT_LOSS_WEIGHTS[official["loss"]["variant"]] == official["loss"]["weights"]["official"]
+    with pytest.raises(ValueError, match="recipe"):
+        wwbl.apply_recipe(load_method_config("wwbl", "paper", None, ["recipe=bogus"]))
 
 
 def test_paper_profile_without_weights_names_the_files(monkeypatch, tmp_path):
