@@ -384,10 +384,12 @@ class _PhraseEvaluator(_Evaluator):
                 out = localize(self.method, [img], [s], texts=[list(g.phrases)])
                 entity_maps = {}
                 for variant, arr in _maps_by_variant(out).items():
-                    m = entity_maps[variant] = cv2.resize(arr[0].mean(axis=0).astype(np.float32), (w, h),
-                                                          interpolation=cv2.INTER_LINEAR)
                     mets = batch.setdefault(variant, {**self.new_metrics(), "health": MapHealth()})
                     mets["health"].update(list(arr[0]))
+                    if np.isnan(arr[0]).all():  # no prediction (wwbl-open: no caption cluster): skipped, as the
+                        continue  # official metric; counted in nonfinite_maps
+                    m = entity_maps[variant] = cv2.resize(arr[0].mean(axis=0).astype(np.float32), (w, h),
+                                                          interpolation=cv2.INTER_LINEAR)
                     mets["pointing"].update([m], [union_box(g.boxes)])  # WWbL: the entity's union box
                     mets["box"].update([m], [g.boxes])
                 records.append(phrase_record(s, g, entity_maps, self.maps_dir))
@@ -396,6 +398,8 @@ class _PhraseEvaluator(_Evaluator):
         return batch, records
 
     def summarize(self, mets, policy):
+        if mets["pointing"].count == 0:  # every entity of the variant was skipped (all-NaN maps)
+            return {"pointing_game": None, "bbox_acc": None}
         return {"pointing_game": mets["pointing"].compute()["pointing_acc"],
                 "bbox_acc": mets["box"].compute()["box_acc"]}
 
