@@ -508,3 +508,18 @@ def test_registered_and_runs_through_the_harness(isolated_env, dataset, metric):
     assert 0 <= results["default"][metric] <= 100
     if dataset == "synthetic-flickr30k":  # the open-world map and the CLIP teacher are scored as their own rows
         assert {"open", "clip"} <= set(results)
+
+
+def test_harness_skips_and_counts_images_without_caption_cluster(isolated_env):
+    """wwbl-open: an image whose pipeline forms no caption cluster is left out of the 'open' row (as the
+    official metric) and counted among its non-finite maps; the grounding row scores every entity."""
+    import json
+
+    from wsolbench.harness import RunSpec, run
+
+    res = run(RunSpec(method="wwbl", dataset="synthetic-flickr30k", profile="tiny", limit=3,
+                      out=isolated_env / "runs", progress=False,
+                      overrides=MICRO_OVERRIDES + ("open.cluster_threshold=1.01", "eval.extras=[open]")))
+    results = json.loads((res.run_dir / "metrics.json").read_text())["results"]
+    assert results["open"]["pointing_game"] is None and results["open"]["nonfinite_maps"] > 0
+    assert results["default"]["pointing_game"] is not None and results["default"]["nonfinite_maps"] == 0
