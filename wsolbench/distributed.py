@@ -238,6 +238,15 @@ def sum_over_ranks(values: dict[str, float], count: int) -> tuple[dict[str, floa
     return {k: float(v) for k, v in zip(keys, t[:-1].tolist())}, int(round(float(t[-1])))
 
 
+def gather_from_ranks(obj: Any) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank (e.g. the RNG states a checkpoint keeps)."""
+    import torch.distributed as dist
+
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def describe(world: World, *, workers: int, amp: str | None, trained: str | None) -> dict:
     """What the run record says about processes, loading and training layout."""
     out: dict[str, Any] = {"world_size": world.size, "backend": world.backend, "workers_per_rank": workers,

@@ -270,12 +270,16 @@ class TrainLoop:
         path = self.checkpoint_path
         if path is None:
             return None
-        from .distributed import barrier, training_world
+        from .distributed import barrier, gather_from_ranks, training_world
 
         world = training_world()
+        rank_rng = gather_from_ranks(get_rng_state()) if world.parallel else None  # a collective: every rank
         if world.is_main:
+            state = self.state(epochs_done)
+            if rank_rng is not None:  # each rank's augmentation stream, for an exact resume
+                state["rng_ranks"] = rank_rng
             with atomic_path(path) as tmp:
-                torch.save(self.state(epochs_done), tmp)
+                torch.save(state, tmp)
             write_json(self.out_dir / HISTORY_NAME, self.history)
         if world.parallel:
             barrier()
@@ -294,7 +298,9 @@ class TrainLoop:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scheduler is not None and ckpt.get("scheduler") is not None:
             self.scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"])
+        world = self._world
+        ranks = ckpt.get("rng_ranks")
+        set_rng_state(ranks[world.rank] if world.parallel and ranks and len(ranks) == world.size else ckpt["rng"])
         self.history = list(ckpt.get("history", []))
         return int(ckpt["epoch"])
 
