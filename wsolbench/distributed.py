@@ -251,8 +251,10 @@ def describe(world: World, *, workers: int, amp: str | None, trained: str | None
     """What the run record says about processes, loading and training layout."""
     out: dict[str, Any] = {"world_size": world.size, "backend": world.backend, "workers_per_rank": workers,
                            "amp": amp}
-    if trained == "data-parallel":
-        out["training"] = {"mode": "data-parallel over %d rank(s)" % world.size,
+    if trained == "one-process":
+        out["training"] = {"mode": "one process", "effective_batch": "the config's batch size", "lr_scale": 1.0}
+    elif trained == "data-parallel":
+        out["training"] = {"mode": f"data-parallel over {world.size} ranks",
                            "effective_batch": "the config's batch size (each global batch split over the ranks)",
                            "lr_scale": 1.0}
     elif trained == "main-rank":
@@ -287,4 +289,6 @@ def fit_and_save(name: str, method: Any, train: Any, val: Any, *, out_dir: Path,
 
 def training_mode(name: str, world: World) -> str:
     """How ``fit_and_save`` trains ``name`` over ``world`` (for the run record)."""
-    return "data-parallel" if name in DATA_PARALLEL_FIT or not world.parallel else "main-rank"
+    if not world.parallel:
+        return "one-process"
+    return "data-parallel" if name in DATA_PARALLEL_FIT else "main-rank"
