@@ -653,7 +653,8 @@ def run(spec: RunSpec) -> RunResult:
 
     resolved = {"method": method_name, "dataset": dataset_name, "split": spec.split, "profile": spec.profile,
                 "limit": spec.limit, "checkpoint": str(spec.checkpoint) if spec.checkpoint else None,
-                "method_config": cfg, "harness": hcfg, "protocol": protocol.name, "train_split": spec.train_split}
+                "method_config": cfg, "harness": hcfg, "protocol": protocol.name, "train_split": spec.train_split,
+                "data_root": _data_root(dataset)}  # two worlds (or copies of a dataset) never share a run
     tiny_zoo = tuple(getattr(METHODS.get(method_name), "tiny_zoo", ()) or ())
     if spec.profile == "tiny" and tiny_zoo:  # a rebuilt zoo is a new run, never a resumed one
         from wsolbench.zoo import zoo_fingerprint
@@ -672,7 +673,7 @@ def run(spec: RunSpec) -> RunResult:
     _check_serves(method, task)
     evaluator = evaluator_class(task, protocol)(hcfg, dataset, method, protocol)
     policies = _protocol_policies(protocol, spec, hcfg, method, run_dir, task)
-    evaluator.maps_dir = run_dir / MAPS_DIR
+    evaluator.maps_dir = run_dir / MAPS_DIR if hcfg["store_maps"] else None
     t_eval = time.time()
     skipped = _evaluate(evaluator, dataset, run_dir / "cache", hcfg, _eval_options(spec), f"{method_name}/{dataset_name}")
     eval_time = time.time() - t_eval
@@ -808,7 +809,7 @@ def checkpoint_config(method: str, checkpoint: Path, overrides: Sequence[str]) -
     """The config saved with ``checkpoint``, with ``overrides`` (``--set``) merged on top and checked against
     the method's keys: evaluating a trained checkpoint under another inference setting (an ablation)."""
     from .checkpoint import read_saved_meta
-    from .config import config_dir, merge, nest, read_yaml
+    from .config import apply_overrides, config_dir, read_yaml
 
     try:
         saved = read_saved_meta(Path(checkpoint), method)["config"]
@@ -817,7 +818,13 @@ def checkpoint_config(method: str, checkpoint: Path, overrides: Sequence[str]) -
     if not overrides:
         return saved
     schema = read_yaml(config_dir() / f"{method}.yaml")
-    return merge(saved, nest(overrides), schema=schema, where="--set")
+    return apply_overrides(saved, overrides, schema)
+
+
+def _data_root(dataset: Any) -> str | None:
+    """The dataset's resolved root folder, part of a run's identity."""
+    root = getattr(dataset, "root", None)
+    return str(Path(root).resolve()) if root else None
 
 
 def _seed(seed: int) -> None:
