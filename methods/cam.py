@@ -241,8 +241,9 @@ def build_cam_net(cfg: dict, num_classes: int) -> CAMNet:
                              t.get("convs_per_stage", 1), t.get("dilations"))
         dim = backbone.out_channels
         head_channels = 256 if head_channels is None else int(head_channels)
-        head = nn.Sequential(nn.Conv2d(dim, head_channels, 3, padding=1), nn.ReLU(inplace=False)) \
-            if head_channels else nn.Sequential()
+        norm = [nn.BatchNorm2d(head_channels)] if t.get("head_bn") else []
+        head = nn.Sequential(nn.Conv2d(dim, head_channels, 3, padding=1, bias=not norm), *norm,
+                             nn.ReLU(inplace=False)) if head_channels else nn.Sequential()
         _init_conv(backbone)
     else:
         raise ValueError(f"unknown CAM backbone {name!r}; choose one of {', '.join(BACKBONES)}")
