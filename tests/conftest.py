@@ -20,6 +20,31 @@ def shared_fixtures() -> Path:
     pytest.skip("../shared/fixtures not found beside the repository")
 
 
+@pytest.fixture(scope="session")
+def parity_fixture(shared_fixtures):
+    """``parity_fixture(name)``: the folder ``../shared/fixtures/parity/<name>`` (official outputs on stand-in
+    weights); the test is skipped when it is absent."""
+
+    def folder(name: str) -> Path:
+        path = shared_fixtures / "parity" / name
+        if not (path / "expected.npz").is_file():
+            pytest.skip(f"{path} not found")
+        return path
+
+    return folder
+
+
+@pytest.fixture(scope="session")
+def parity_recipe(shared_fixtures):
+    """The parity fixtures' ``recipe.py`` module: deterministic stand-in weights from names and shapes."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("parity_recipe", shared_fixtures / "parity" / "recipe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _few_threads():
     try:

@@ -8,7 +8,6 @@ compared with the official code's, at the README's tolerances (box outcomes exac
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -28,19 +27,13 @@ BACKBONE = {"vgg16": "vgg16", "resnet50": "resnet50", "inception_v3": "inception
 
 
 @pytest.fixture(scope="module")
-def fixture_dir(shared_fixtures) -> Path:
-    path = shared_fixtures / "parity" / "wsolevaluation-cam"
-    if not path.is_dir():
-        pytest.skip(f"{path} not found")
-    return path
+def fixture_dir(parity_fixture) -> Path:
+    return parity_fixture("wsolevaluation-cam")
 
 
 @pytest.fixture(scope="module")
-def recipe(fixture_dir):
-    spec = importlib.util.spec_from_file_location("parity_recipe", fixture_dir.parent / "recipe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def recipe(parity_recipe):
+    return parity_recipe
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ f_c), the latents, each cross-attention layer's map, the three group maps, the f
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -30,19 +29,11 @@ MODULES = (("unet", "unet/diffusion_pytorch_model.bin"), ("vae", "vae/diffusion_
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _recipe(fixture: Path):
-    spec = importlib.util.spec_from_file_location("parity_recipe", fixture.parent / "recipe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def write_official_layout(fixture: Path, out: Path) -> tuple[Path, Path]:
+def write_official_layout(fixture: Path, recipe, out: Path) -> tuple[Path, Path]:
     """``out/sd`` (the SD v1.4-layout folder) and ``out/ckpt`` (``tokens/`` + finetuned ``unet/``), written
     from keys.json + the configs with the recipe, as the official run's ``save_pretrained`` wrote them."""
     from wsolbench.zoo.tokenizers import write_clip_bpe_files
 
-    recipe = _recipe(fixture)
     meta = json.loads((fixture / "keys.json").read_text())
     seed, gain = int(meta["seed"]), float(meta["gain"])
     sd, ckpt = out / "sd", out / "ckpt"
@@ -63,11 +54,8 @@ def write_official_layout(fixture: Path, out: Path) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def fixture_dir(shared_fixtures) -> Path:
-    d = shared_fixtures / "parity" / "genpromp"
-    if not (d / "expected.npz").exists():
-        pytest.skip(f"{d} not found")
-    return d
+def fixture_dir(parity_fixture) -> Path:
+    return parity_fixture("genpromp")
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +69,11 @@ def official(fixture_dir):
 
 
 @pytest.fixture(scope="module")
-def method(fixture_dir, tmp_path_factory):
+def method(fixture_dir, parity_recipe, tmp_path_factory):
     """The paper profile (CUB) on the official-format folders, through the config keys a user sets."""
     from wsolbench.methods.genpromp import GenPromp
 
-    sd, ckpt = write_official_layout(fixture_dir, tmp_path_factory.mktemp("genpromp-official"))
+    sd, ckpt = write_official_layout(fixture_dir, parity_recipe, tmp_path_factory.mktemp("genpromp-official"))
     cfg = load_method_config("genpromp", profile="paper", dataset_key="cub", overrides=[
         f"model.pretrained={sd}", f"model.token_path={ckpt / 'tokens'}", f"model.unet_path={ckpt / 'unet'}",
         "classifier.kind=none"])

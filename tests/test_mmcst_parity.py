@@ -7,7 +7,6 @@ the refined maps, the final per-class maps (native size, 3 scales × flip) and t
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
@@ -32,11 +31,8 @@ OVERRIDES = {
 
 
 @pytest.fixture(scope="module")
-def fixture_dir(shared_fixtures):
-    d = shared_fixtures / "parity" / "mctformer"
-    if not (d / "expected.npz").is_file():
-        pytest.skip("mctformer parity fixture absent")
-    return d
+def fixture_dir(parity_fixture):
+    return parity_fixture("mctformer")
 
 
 @pytest.fixture(scope="module")
@@ -50,17 +46,10 @@ def class_names(fixture_dir):
     return json.loads((fixture_dir / "inputs" / "labels.json").read_text())["class_names"]
 
 
-def _recipe(fixture_dir):
-    spec = importlib.util.spec_from_file_location("parity_recipe", fixture_dir.parent / "recipe.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
-def checkpoints(fixture_dir, tmp_path_factory):
+def checkpoints(fixture_dir, parity_recipe, tmp_path_factory):
     """{'v1': path, 'v2': path}: the official checkpoint format, {'model': state_dict}, with the recipe's weights."""
-    recipe = _recipe(fixture_dir)
+    recipe = parity_recipe
     keys = json.loads((fixture_dir / "keys.json").read_text())
     out = tmp_path_factory.mktemp("mctformer")
     paths = {}

@@ -8,7 +8,6 @@ box outcome of each GT case are compared with the official outputs at the README
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -22,11 +21,8 @@ from wsolbench.methods import wwbl
 
 
 @pytest.fixture(scope="module")
-def fixture_dir(shared_fixtures) -> Path:
-    path = shared_fixtures / "parity" / "wwbl"
-    if not path.is_dir():
-        pytest.skip(f"{path} not found")
-    return path
+def fixture_dir(parity_fixture) -> Path:
+    return parity_fixture("wwbl")
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +41,10 @@ def images(fixture_dir, cases) -> list:
 
 
 @pytest.fixture(scope="module")
-def official_files(fixture_dir, tmp_path_factory) -> dict[str, Path]:
+def official_files(fixture_dir, parity_recipe, tmp_path_factory) -> dict[str, Path]:
     """The authors' net_best.pth layout (a pickled DataParallel module), the same weights as a state dict, and
     the OpenAI CLIP state dict (``clip.load(<state-dict file>, jit=False)`` reads it)."""
-    spec = importlib.util.spec_from_file_location("parity_recipe", fixture_dir.parent / "recipe.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
+    recipe = parity_recipe
     keys = json.loads((fixture_dir / "keys.json").read_text())
     out = tmp_path_factory.mktemp("wwbl_official")
     state = recipe.state_dict_for(keys["grounding"], keys["seed"], keys["gain"])
