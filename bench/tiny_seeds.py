@@ -1,7 +1,7 @@
 """Do the tiny profiles learn on any draw of the synthetic world, or only on seed 0?
 
 Renders the synthetic world with several seeds (the default sets' split sizes), runs each tiny profile and the
-``center`` baseline on each, and prints one table: method × seed with the home metric, the centre prior, the
+``center`` baseline (under the method's protocol) on each, and prints one table: method × seed with the home metric, the centre prior, the
 margin, and the mean ± spread over seeds. For the tiny CAM it also reports the first epoch whose training loss
 falls below 2.2 (chance on the 10-class world is ln 10 = 2.30). Methods that stand on the synthetic-world zoo
 (TeD-Loc, MMCST, WWbL, GenPromp) join only when ``wsolbench zoo build`` has run; for TeD-Loc the table adds
@@ -58,11 +58,12 @@ def world(fmt: str, seed: int, root: Path) -> Path:
     return path
 
 
-def run_one(method: str, dataset: str, data_root: Path, out: Path, sets: tuple[str, ...] = ()):
+def run_one(method: str, dataset: str, data_root: Path, out: Path, sets: tuple[str, ...] = (),
+            protocol: str | None = None):
     from wsolbench.harness import RunSpec, run
 
     return run(RunSpec(method=method, dataset=dataset, profile="tiny", data_root=data_root, out=out,
-                       overrides=sets, progress=False, resume=True))
+                       overrides=sets, progress=False, resume=True, protocol=protocol))
 
 
 def left_chance(run_dir: Path) -> str:
@@ -89,8 +90,9 @@ def measure(seeds: list[int], methods: list[str], formats: list[str], root: Path
         for seed in seeds:
             data = world(fmt, seed, root / "worlds")
             t0 = time.time()
-            centre = run_one("center", dataset, data, root / "runs").results["default"].get(metric)
             res = run_one(method, dataset, data, root / "runs", sets)
+            protocol = res.record["protocol"]["name"]  # the centre prior scored like the method (like with like)
+            centre = run_one("center", dataset, data, root / "runs", protocol=protocol).results["default"].get(metric)
             extra = ""
             if method == "cam" and fmt == "cub":
                 extra = left_chance(res.run_dir)
