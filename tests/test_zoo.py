@@ -213,6 +213,35 @@ def test_micro_zoo_loads_through_library_apis(micro_zoo):
         assert zoo.load_backbone(kind, "micro", root=root, num_classes=0)(torch.rand(1, 3, 32, 32)).ndim == 2
 
 
+LOAD_EVERY_MODEL = """
+import json
+import sys
+from wsolbench import zoo
+root = sys.argv[1]
+zoo.load_clip("micro", root=root)
+zoo.load_diffusion_components("micro", root=root)
+zoo.load_captioner("micro", root=root)
+for kind in ("vit", "vgg", "classifier"):
+    zoo.load_backbone(kind, "micro", root=root)
+zoo.zoo_status("micro", root=root)
+print(json.dumps(sorted(m for m in sys.modules if m.startswith("wsolbench.zoo"))))
+"""
+
+
+def test_loading_the_zoo_does_not_import_the_builder(micro_zoo):
+    """The trainer (``wsolbench.zoo.builder``) is imported only when building (issue 26 item 4)."""
+    import os
+    import subprocess
+    import sys
+
+    root, _ = micro_zoo
+    out = subprocess.run([sys.executable, "-c", LOAD_EVERY_MODEL, str(root)], capture_output=True, text=True,
+                         check=True, env={**os.environ, zoo.AUTOBUILD_ENV: "1"}).stdout
+    loaded = json.loads(out.strip().splitlines()[-1])
+    assert "wsolbench.zoo.clip" in loaded and "wsolbench.zoo.diffusion" in loaded  # it did load them
+    assert not [m for m in loaded if m.startswith("wsolbench.zoo.builder")], loaded
+
+
 def test_build_is_deterministic_and_tracks_dependencies(micro_zoo, tmp_path):
     root, _ = micro_zoo
     zoo.build_zoo("micro", out=tmp_path, seed=0, models=["vit"], progress=False)
@@ -223,7 +252,7 @@ def test_build_is_deterministic_and_tracks_dependencies(micro_zoo, tmp_path):
 
 
 def test_vit_trunk_converts_exactly_to_clip_and_blip():
-    from wsolbench.zoo.convert import timm_vit_to_blip_vision, timm_vit_to_open_clip_visual
+    from wsolbench.zoo.builder.convert import timm_vit_to_blip_vision, timm_vit_to_open_clip_visual
 
     vit = zoo.create_backbone("vit", "micro", num_classes=10, seed=2)
     clip, _ = zoo.create_clip("micro")
@@ -300,15 +329,15 @@ def test_unet_recipe_speeds_up_cross_attention_and_oversamples_multi_object_scen
     """The two U-Net training choices that make its cross-attention spatial (see TRAIN["tiny"]["unet"])."""
     import numpy as np
 
-    from wsolbench.zoo import build
+    from wsolbench.zoo.builder import train
     from wsolbench.zoo.diffusion import create_unet
 
     names = [["star"]] * 30 + [["star", "ring"]] * 10
-    p = build.multi_object_weights(names, 0.5)
+    p = train.multi_object_weights(names, 0.5)
     assert p.sum() == pytest.approx(1.0) and p[30:].sum() == pytest.approx(0.5) and p[0] < p[30]
-    assert np.allclose(build.multi_object_weights([["star"]] * 4, 0.5), 0.25)  # no multi scenes: uniform
+    assert np.allclose(train.multi_object_weights([["star"]] * 4, 0.5), 0.25)  # no multi scenes: uniform
     unet = create_unet("micro")
-    opt = build._adamw(unet.named_parameters(), 1e-3, lr_mults={"attn2.to_q": 10.0, "attn2.to_k": 10.0})
+    opt = train._adamw(unet.named_parameters(), 1e-3, lr_mults={"attn2.to_q": 10.0, "attn2.to_k": 10.0})
     fast = {id(p) for g in opt.param_groups if g["lr_mult"] == 10.0 for p in g["params"]}
     named = dict(unet.named_parameters())
     assert fast == {id(v) for n, v in named.items() if ".attn2.to_q." in n or ".attn2.to_k." in n} and fast

@@ -12,7 +12,9 @@ synthetic world (``wsolbench.datasets.synthetic``), cached under ``zoo_root(scal
         backbones/{vit,vgg,classifier}/   timm HF layout: config.json + model.safetensors
 
 Scales: ``micro`` (random-init-sized for tests, trains in seconds) and ``tiny`` (the CPU zoo, <= 15 min on
-2 cores). Model names for ``models=``: ``MODELS``. ``wsolbench zoo build`` calls :func:`build_zoo`.
+2 cores). Model names for ``models=``: ``MODELS``. ``wsolbench zoo build`` calls :func:`build_zoo`, the one
+entry (with :func:`ensure_zoo` when building is asked for) into the trainer, :mod:`wsolbench.zoo.builder`,
+which loading a model never imports. Recipes and the manifest: :mod:`.manifest`.
 
 What each loaded model expects is documented in its module: :mod:`.clip` (image size
 ``model.visual.image_size``, patch grid, OpenAI mean/std in ``model.visual.preprocess_cfg``),
@@ -85,7 +87,7 @@ def _normalise_models(models: Iterable[str] | str | None) -> list[str]:
 def zoo_status(scale: str = "tiny", root: str | Path | None = None) -> dict[str, dict]:
     """{model: {"built", "stale", "path", "quality"}} from the manifest and the folders; ``stale``: built with
     another recipe (sizes / training budget) than the current code's, so ``ensure_zoo`` rebuilds it."""
-    from .build import is_built, read_manifest
+    from .manifest import is_built, read_manifest
 
     root = Path(root) if root is not None else zoo_root(scale)
     manifest = read_manifest(root)
@@ -101,7 +103,7 @@ def zoo_status(scale: str = "tiny", root: str | Path | None = None) -> dict[str,
 def zoo_fingerprint(models: Iterable[str], scale: str = "tiny", root: str | Path | None = None) -> dict:
     """{model: "<recipe>/<seed>/<built_at>"} from the manifest (None where not built): what a run records
     about the zoo it used, so that rebuilding the zoo gives a new run id instead of resuming old results."""
-    from .build import read_manifest
+    from .manifest import read_manifest
 
     entries = read_manifest(Path(root) if root is not None else zoo_root(scale)).get("models", {})
     out = {}
@@ -115,11 +117,11 @@ def build_zoo(scale: str = "tiny", *, out: str | Path | None = None, seed: int =
               models: Iterable[str] | str | None = None, progress: bool = True, force: bool = True) -> dict:
     """Train and save all (or the named) zoo models; returns {model: quality figures} and writes
     ``manifest.json`` atomically. ``out`` overrides the root folder (default :func:`zoo_root`).
-    Models are built from others (``build.DEPENDS``): the ViT is distilled from the CNN ``classifier``,
+    Models are built from others (``manifest.DEPENDS``): the ViT is distilled from the CNN ``classifier``,
     CLIP's and BLIP's image towers start from the ViT, the diffusion text encoder is CLIP's text tower;
     a dependency missing from the root is built too. ``force=False`` skips models already built (same
     seed and recipe)."""
-    from .build import build
+    from .builder import build
 
     return build(check_scale(scale), root=Path(out) if out is not None else zoo_root(scale), seed=seed,
                  models=_normalise_models(models), progress=progress, force=force)
@@ -133,7 +135,7 @@ def autobuild() -> bool:
 
 def missing_models(scale: str, models: Iterable[str] | str | None, root: str | Path | None = None) -> list[str]:
     """The named zoo models (all when None) that are not built (or are stale) under ``root``."""
-    from .build import is_built, read_manifest
+    from .manifest import is_built, read_manifest
 
     root = Path(root) if root is not None else zoo_root(scale)
     manifest = read_manifest(root)
@@ -157,8 +159,7 @@ def ensure_zoo(scale: str = "tiny", models: Iterable[str] | str | None = None, *
     ``build=None`` follows ``WSOLBENCH_ZOO_AUTOBUILD`` (default off: see :func:`autobuild`); with building off
     a missing model raises :class:`ZooMissingError` naming the command that builds it.
     """
-    from .build import build as _build
-    from .build import is_built, read_manifest, with_dependencies, zoo_lock
+    from .manifest import is_built, read_manifest, with_dependencies, zoo_lock
 
     scale = check_scale(scale)
     root = Path(root) if root is not None else zoo_root(scale)
@@ -177,6 +178,8 @@ def ensure_zoo(scale: str = "tiny", models: Iterable[str] | str | None = None, *
             todo = [m for m in with_dependencies(missing) if m in missing or not is_built(m, root, manifest, scale)]
             print(f"[wsolbench zoo] building the {scale} zoo models {', '.join(todo)} into {root} "
                   f"(same as `{build_command(scale, missing)}`)", flush=True)
+            from .builder import build as _build  # the trainer: imported only to build
+
             _build(scale, root=root, seed=seed, models=missing, progress=True, force=False, lock=False)
     return root
 

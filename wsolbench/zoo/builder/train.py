@@ -1,10 +1,5 @@
 """Training the zoo on the synthetic world: one function per model, a quality check for each.
 
-Deterministic by seed (for a given torch build and thread count: ``DEFAULT_THREADS`` unless
-``WSOLBENCH_ZOO_THREADS`` says otherwise). Each model is trained into a temporary folder next to its final
-place and moved there in one rename; ``manifest.json`` is rewritten atomically after every model, so an
-interrupted build keeps what it finished.
-
 Quality figures (printed and stored in the manifest), each with its chance level:
 * clip: zero-shot accuracy on held-out single-object scenes with prompts "a photo of a {class}" (chance 0.1);
 * vae: reconstruction PSNR on held-out scenes; unet: denoising MSE averaged over timesteps 50..950 with the
@@ -18,195 +13,19 @@ Quality figures (printed and stored in the manifest), each with its chance level
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
-import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from ..manifest import TRAIN
+from ..specs import IMAGENET_MEAN, IMAGENET_STD, OPENAI_MEAN, OPENAI_STD, spec
 from .data import flip_where, random_flips, to_tensor
-from .specs import IMAGENET_MEAN, IMAGENET_STD, OPENAI_MEAN, OPENAI_STD, spec
-
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
-
-# Training budgets per scale. Pool: rendered training scenes; test: held-out scenes.
-TRAIN: dict[str, dict] = {
-    "micro": {
-        "pool": 96, "test": 32,
-        "classifier": dict(steps=3, batch=16, lr=3e-3),
-        "vit": dict(steps=3, batch=16, lr=1e-3, init="mimetic"),
-        "clip": dict(steps=3, batch=16, lr=1e-3, w_labels=0.5, visual_lr_mult=0.5),
-        "captioner": dict(steps=3, batch=16, lr=1e-3, vision_lr_mult=0.3),
-        "vgg": dict(steps=3, batch=16, lr=1e-3),
-        "vae": dict(steps=3, batch=8, lr=1e-3),
-        "unet": dict(steps=3, batch=8, lr=1e-3, xattn_qk_lr_mult=10.0, multi_share=0.5),
-    },
-    "tiny": {
-        "pool": 8000, "test": 500,
-        "classifier": dict(steps=2000, batch=64, lr=3e-3, wd=0.01),
-        # 1000 steps reach the same accuracy but features on which TeD-Loc tiny fell from 27.5 to ~10 MaxBoxAcc
-        "vit": dict(steps=2000, batch=64, lr=1e-3, w_feat=1.0, init="mimetic"),
-        "clip": dict(steps=400, batch=64, lr=5e-4, w_labels=0.5, visual_lr_mult=0.5),
-        # 300 steps with the ViT at 0.3x lr: class word 13% (chance 10%); 900 at 1x: 24%; 600 at 2e-3: 7.5%
-        "captioner": dict(steps=900, batch=64, lr=1e-3, vision_lr_mult=1.0),
-        "vgg": dict(steps=1000, batch=64, lr=3e-4),
-        "vae": dict(steps=200, batch=16, lr=1e-3),
-        # cross-attention query/key at 10x the lr and half of each batch multi-object scenes: with neither, the
-        # U-Net's cross-attention stayed uniform over the 32 tokens (class-word pointing 38%, chance 21%) and
-        # GenPromp's maps were inverted; with both, <|startoftext|> becomes the sink as in SD (pointing 56%)
-        "unet": dict(steps=450, batch=32, lr=1e-3, xattn_qk_lr_mult=10.0, multi_share=0.5),
-    },
-}
-
-# Threads: results are deterministic for a fixed thread count. The tiny zoo uses 2 (where the CPU has them):
-# on this project's idle 2-core machine that builds all six models in ~15 min (14.5-17 measured, the VM's
-# speed varies) instead of ~25 with one; on a CPU shared with other jobs a second thread can cost more in
-# synchronisation than it gains (measured 5-8x slower per step under load), so set WSOLBENCH_ZOO_THREADS=1
-# there. The micro zoo (tests) uses one.
-DEFAULT_THREADS = {"micro": 1, "tiny": min(2, os.cpu_count() or 1)}
-
-# Quality must clearly beat chance: (figure, threshold) checked for the tiny zoo.
-QUALITY_BARS = {
-    "clip": ("zero_shot_accuracy", 0.3),
-    "captioner": ("class_word_accuracy", 0.3),
-    "vit": ("accuracy", 0.3),
-    "vgg": ("accuracy", 0.3),
-    "classifier": ("accuracy", 0.3),
-}
 
 
-# ------------------------------------------------------------------------------------------ bookkeeping
-def read_manifest(root: Path) -> dict:
-    path = Path(root) / MANIFEST
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def _required_files(model: str) -> tuple[str, ...]:
-    if model == "clip":
-        return ("open_clip_config.json", "open_clip_model.safetensors")
-    if model == "diffusion":
-        return ("model_index.json", "vae/config.json", "unet/config.json", "text_encoder/config.json",
-                "tokenizer/tokenizer_config.json", "scheduler/scheduler_config.json")
-    if model == "captioner":
-        return ("config.json", "model.safetensors")
-    return ("config.json", "model.safetensors")
-
-
-# Build order and what each model is initialised or distilled from.
-BUILD_ORDER = ("classifier", "vit", "clip", "captioner", "vgg", "diffusion")
-DEPENDS = {"vit": ("classifier",), "vgg": ("classifier",), "clip": ("vit",), "captioner": ("vit",),
-           "diffusion": ("clip",)}
-
-
-def with_dependencies(models) -> list[str]:
-    """``models`` plus everything they are built from, in build order."""
-    need: set[str] = set()
-
-    def add(m: str) -> None:
-        if m not in need:
-            need.add(m)
-            for d in DEPENDS.get(m, ()):
-                add(d)
-
-    for m in models:
-        add(m)
-    return [m for m in BUILD_ORDER if m in need]
-
-
-def recipe(scale: str, model: str) -> str:
-    """A short hash of everything that defines a zoo model (format, sizes, training budget, and the recipes
-    of the models it is built from): a manifest entry with another recipe is stale and gets rebuilt."""
-    import hashlib
-
-    parts = {"diffusion": ["vae", "unet"]}.get(model, [model])
-    budget = TRAIN[scale]
-    blob = {"format": FORMAT_VERSION, "pool": budget["pool"], "test": budget["test"],
-            "spec": {p: spec(scale, p) for p in parts},
-            "train": {p: budget[p] for p in parts},
-            "deps": {d: recipe(scale, d) for d in DEPENDS.get(model, ())}}
-    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def is_built(model: str, root: Path, manifest: dict | None = None, scale: str | None = None) -> bool:
-    """The model's folder is complete and its manifest entry matches the current recipe."""
-    from . import model_dir
-
-    manifest = read_manifest(root) if manifest is None else manifest
-    entry = manifest.get("models", {}).get(model)
-    if entry is None:
-        return False
-    scale = scale or manifest.get("scale")
-    if scale in TRAIN and entry.get("recipe") != recipe(scale, model):
-        return False
-    d = model_dir(model, root=root)
-    return all((d / f).exists() for f in _required_files(model))
-
-
-@contextlib.contextmanager
-def zoo_lock(root: Path) -> Iterator[None]:
-    """An exclusive advisory lock on ``root/.lock`` so that concurrent processes build the zoo once."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no locking
-        yield
-        return
-    with open(root / ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("torch", "timm", "open_clip_torch", "diffusers", "transformers", "safetensors"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def _write_manifest(root: Path, scale: str, seed: int, updates: dict) -> dict:
-    from wsolbench.io import write_json
-
-    manifest = read_manifest(root)
-    manifest.update({"format": FORMAT_VERSION, "scale": scale, "versions": _versions()})
-    manifest.setdefault("models", {}).update(updates)
-    write_json(Path(root) / MANIFEST, manifest)
-    return manifest
-
-
-def _install(tmp: Path, final: Path) -> None:
-    """Move a freshly written model folder into place (replacing an older one)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-class _Progress:
+class Progress:
     """tqdm bar per model on stderr (or silent)."""
 
     def __init__(self, enabled: bool):
@@ -232,7 +51,7 @@ class _Progress:
 
 
 @contextlib.contextmanager
-def _quiet_libraries() -> Iterator[None]:
+def quiet_libraries() -> Iterator[None]:
     """Silence library progress bars and info warnings while the zoo trains/saves."""
     import logging
 
@@ -305,14 +124,14 @@ def _seed_torch(seed: int, tag: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------- models
-def train_clip(scale: str, pool, test, seed: int, prog: _Progress, vit=None):
+def train_clip(scale: str, pool, test, seed: int, prog: Progress, vit=None):
     """Contrastive image-caption training (multi-positive: identical captions in a batch are all positives)
     plus a UniCL-style image-label term: each single-object image against the 10 class prompts
     "a photo of a {class}". The image tower starts from the zoo ViT (``vit``) when given."""
     import torch
     import torch.nn.functional as F
 
-    from .clip import create_clip
+    from ..clip import create_clip
     from .data import PROMPT, clip_text_for, world
 
     cfg = TRAIN[scale]["clip"]
@@ -382,11 +201,11 @@ def train_clip(scale: str, pool, test, seed: int, prog: _Progress, vit=None):
     return model, q
 
 
-def train_vae(scale: str, pool, test, seed: int, prog: _Progress):
+def train_vae(scale: str, pool, test, seed: int, prog: Progress):
     import torch
     import torch.nn.functional as F
 
-    from .diffusion import create_vae
+    from ..diffusion import create_vae
 
     cfg = TRAIN[scale]["vae"]
     _seed_torch(seed, "vae")
@@ -462,12 +281,12 @@ def multi_object_weights(names: list[list[str]], share: float) -> np.ndarray:
     return np.where(multi, share / multi.sum(), (1.0 - share) / (~multi).sum())
 
 
-def train_unet(scale: str, pool, test, seed: int, prog: _Progress, vae, text_encoder, tokenizer, scheduler):
+def train_unet(scale: str, pool, test, seed: int, prog: Progress, vae, text_encoder, tokenizer, scheduler):
     import torch
     import torch.nn.functional as F
 
     from .data import PROMPT, world
-    from .diffusion import create_unet
+    from ..diffusion import create_unet
 
     cfg = TRAIN[scale]["unet"]
     _seed_torch(seed, "unet")
@@ -597,8 +416,8 @@ def _cross_attention_pointing(unet, vae, text_encoder, tokenizer, scheduler, tes
     return float(hit.mean()), float(area.mean())
 
 
-def train_captioner(scale: str, pool, test, seed: int, prog: _Progress, tokenizer_dir: Path, vit=None):
-    from .captioner import caption, create_captioner
+def train_captioner(scale: str, pool, test, seed: int, prog: Progress, tokenizer_dir: Path, vit=None):
+    from ..captioner import caption, create_captioner
     from .data import to_tensor, world
 
     cfg = TRAIN[scale]["captioner"]
@@ -700,14 +519,14 @@ def _eval_classifier(model, test, mean, std) -> float:
     return float((preds == test.labels[tk]).mean())
 
 
-def train_backbone(kind: str, scale: str, pool, test, seed: int, prog: _Progress, teacher=None):
+def train_backbone(kind: str, scale: str, pool, test, seed: int, prog: Progress, teacher=None):
     """Supervised pretraining on single-object scenes. With a ``teacher`` (the zoo's CNN classifier) the
     student also matches its soft predictions (knowledge distillation) and, for the ViT, its intermediate
     feature maps at every patch token: dense targets that get a ViT off its long initial plateau."""
     import torch
     import torch.nn.functional as F
 
-    from .backbones import create_backbone
+    from ..backbones import create_backbone
     from .data import world
 
     cfg = TRAIN[scale][kind]
@@ -715,7 +534,7 @@ def train_backbone(kind: str, scale: str, pool, test, seed: int, prog: _Progress
     n_cls = len(world().CLASS_NAMES)
     model = create_backbone(kind, scale, num_classes=n_cls, seed=None)
     if cfg.get("init") == "mimetic":
-        from .backbones import mimetic_init
+        from ..backbones import mimetic_init
 
         mimetic_init(model)
     model.train()
@@ -762,139 +581,4 @@ def train_backbone(kind: str, scale: str, pool, test, seed: int, prog: _Progress
          "chance": round(1 / n_cls, 4)}
     if teacher is not None:
         q["distilled_from"] = "classifier"
-    return model, q
-
-
-# ---------------------------------------------------------------------------------------------- build
-def build(scale: str, root: Path, seed: int, models: list[str], progress: bool = True, force: bool = True,
-          lock: bool = True) -> dict:
-    ctx = zoo_lock(root) if lock else contextlib.nullcontext()
-    with ctx:
-        return _build(scale, Path(root), seed, models, progress, force)
-
-
-def _build(scale: str, root: Path, seed: int, models: list[str], progress: bool, force: bool) -> dict:
-    import torch
-
-    from . import model_dir
-    from .data import make_pool
-
-    prog = _Progress(progress)
-    threads = int(os.environ.get("WSOLBENCH_ZOO_THREADS", "0")) or DEFAULT_THREADS[scale]
-    old_threads = torch.get_num_threads()
-    manifest = read_manifest(root)
-
-    def fresh(m: str) -> bool:
-        return is_built(m, root, manifest, scale) and manifest["models"][m].get("seed") == seed
-
-    # what to train: the requested models (all of them, or the stale/missing ones when not forced), plus
-    # the models they are built from that are not already there
-    todo = [m for m in models if force or not fresh(m)]
-    todo = [m for m in with_dependencies(todo) if m in todo or not fresh(m)]
-    results: dict[str, dict] = {}
-    if not todo:
-        return {m: manifest["models"][m].get("quality") for m in manifest.get("models", {})}
-    torch.set_num_threads(threads)
-    t_all, c_all = time.perf_counter(), time.process_time()
-    try:
-        with _quiet_libraries():
-            size = spec(scale, "clip")["vision_cfg"]["image_size"]
-            budget = TRAIN[scale]
-            t0 = time.perf_counter()
-            with prog.bar(f"render {budget['pool']}+{budget['test']} scenes ({size}px)",
-                          budget["pool"] + budget["test"]) as bar:
-                pool = make_pool(budget["pool"], size, seed, progress=bar.update)
-                test = make_pool(budget["test"], size, seed, test=True, progress=bar.update)
-            prog.log(f"rendered the synthetic world in {time.perf_counter() - t0:.1f}s")
-            root.mkdir(parents=True, exist_ok=True)
-            trained: dict[str, object] = {}
-            for name in todo:
-                t0, c0 = time.perf_counter(), time.process_time()
-                final = model_dir(name, scale, root)
-                tmp = final.with_name(final.name + f".tmp{os.getpid()}")
-                if tmp.exists():
-                    shutil.rmtree(tmp)
-                deps = {d: trained[d] if d in trained else _load_built(d, scale, root) for d in DEPENDS.get(name, ())}
-                model, quality = _build_one(name, scale, pool, test, seed, prog, tmp, deps)
-                trained[name] = model
-                _install(tmp, final)
-                secs = round(time.perf_counter() - t0, 1)
-                entry = {"path": str(final.relative_to(root)), "seed": seed, "seconds": secs,
-                         "cpu_seconds": round(time.process_time() - c0, 1), "threads": threads,
-                         "recipe": recipe(scale, name), "built_from": list(DEPENDS.get(name, ())),
-                         "quality": quality, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-                manifest = _write_manifest(root, scale, seed, {name: entry})
-                results[name] = quality
-                prog.log(f"{name}: {_fmt_quality(quality)} ({secs}s)")
-                _check_bar(name, scale, quality, prog)
-    finally:
-        torch.set_num_threads(old_threads)
-    total, cpu = round(time.perf_counter() - t_all, 1), round(time.process_time() - c_all, 1)
-    _write_manifest(root, scale, seed, {})
-    prog.log(f"built {', '.join(results)} in {total}s wall ({cpu}s CPU, {threads} threads) -> {root}")
-    results["_seconds"] = total
-    results["_cpu_seconds"] = cpu
-    return results
-
-
-def _load_built(name: str, scale: str, root: Path):
-    from . import model_dir
-    from .backbones import load_backbone_dir
-    from .clip import load_clip_dir
-
-    if name in ("classifier", "vit", "vgg"):
-        return load_backbone_dir(model_dir(name, scale, root))
-    if name == "clip":
-        return load_clip_dir(model_dir(name, scale, root))[0]
-    raise ValueError(f"{name} is not a dependency of any zoo model")
-
-
-def _fmt_quality(q: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in q.items() if isinstance(v, (int, float)))
-
-
-def _check_bar(name: str, scale: str, quality: dict, prog: _Progress) -> None:
-    if scale != "tiny":
-        return
-    bars = dict(QUALITY_BARS)
-    if name in bars:
-        key, thr = bars[name]
-        if quality.get(key, 0) < thr:
-            prog.log(f"WARNING: {name} {key}={quality.get(key)} is below the expected {thr}")
-    if name == "diffusion":
-        u = quality["unet"]
-        if not (u["denoise_mse"] < 0.5 and u["denoise_mse"] < u["denoise_mse_wrong_class"]):
-            prog.log(f"WARNING: diffusion quality is weak: {u}")
-
-
-def _build_one(name: str, scale: str, pool, test, seed: int, prog: _Progress, tmp: Path, deps: dict):
-    """Train ``name`` (with its dependencies ``deps`` in memory) and save it into ``tmp``;
-    returns (the model or None, quality figures)."""
-    from .backbones import save_backbone
-    from .captioner import save_captioner
-    from .clip import hf_text_encoder_from_open_clip, save_clip
-
-    if name == "clip":
-        model, q = train_clip(scale, pool, test, seed, prog, vit=deps.get("vit"))
-        save_clip(model, tmp, scale, extra={"quality": q, "seed": seed})
-        return model, q
-    if name == "diffusion":
-        from .diffusion import create_scheduler, create_tokenizer, save_diffusion
-
-        text_encoder = hf_text_encoder_from_open_clip(deps["clip"], scale)
-        text_encoder.requires_grad_(False)
-        tokenizer, scheduler = create_tokenizer(scale), create_scheduler()
-        vae, qv = train_vae(scale, pool, test, seed, prog)
-        vae.requires_grad_(False)
-        unet, qu = train_unet(scale, pool, test, seed, prog, vae, text_encoder, tokenizer, scheduler)
-        save_diffusion({"vae": vae, "unet": unet, "text_encoder": text_encoder, "tokenizer": tokenizer,
-                        "scheduler": scheduler}, tmp)
-        return None, {"vae": qv, "unet": qu}
-    if name == "captioner":
-        (model, processor), q = train_captioner(scale, pool, test, seed, prog, tmp / "_vocab", vit=deps.get("vit"))
-        save_captioner(model, processor, tmp)
-        shutil.rmtree(tmp / "_vocab", ignore_errors=True)
-        return None, q
-    model, q = train_backbone(name, scale, pool, test, seed, prog, teacher=deps.get("classifier"))
-    save_backbone(model, tmp)
     return model, q
