@@ -1,12 +1,15 @@
 """The evaluation data pipeline: images decoded ahead in DataLoader worker processes, and a batch's scoring
 overlapped with the next batch's model call.
 
-``scored_batches`` feeds the harness's fixed batches to ``evaluator.process`` in two threads: the model calls
+``scored_batches`` runs ``evaluator.process`` on ``IN_FLIGHT`` = 2 batches at once in threads: the model calls
 take turns (one lock; under ``torch.autocast`` when ``amp`` is set) while the other thread scores the
-previous batch's maps — the MaxBoxAcc kernel and OpenCV release the GIL, so a thread is enough. Each batch is
-scored into fresh metric objects and handed back in batch order, so the merged numbers are those of the
-sequential loop. Decoding happens in ``workers`` processes (0: in the main thread, still ahead of the model).
-Images reach ``localize`` as PIL images, as before: each method resizes and converts them its own way.
+previous batch and writes its records and map PNGs — the MaxBoxAcc kernel (with its own image threads),
+OpenCV and the PNG encoder release the GIL, so threads are enough; a GPU call waits without the CPU, so the
+scoring runs beside it. Each batch is scored into fresh metric objects and handed back in batch order, so
+the merged numbers are those of the sequential loop. Decoding happens in
+``workers`` processes (0: in the main thread, still ahead of the model), whose images cross in reused
+shared-memory blocks (``Slots``). Images reach ``localize`` as PIL images, as before: each method resizes
+and converts them its own way (moving that into the workers would change the Localizer contract).
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from typing import Any, Iterator, Sequence
 from .distributed import World
 
 AMP_DTYPES = ("bf16", "fp16")
+IN_FLIGHT = 2  # batches inside evaluator.process at once: one in the model call, one being scored
 MAX_WORKERS = 8  # past this, decoding outruns any single model on one device
 
 
@@ -55,61 +59,132 @@ def check_amp(amp: str | None) -> str | None:
 class SpanImages:
     """A torch map-style dataset whose item j is the decoded images of batch ``spans[j]`` of ``dataset``:
     ``(kept positions, images, load errors)``; errors are returned, not raised, so the main process applies
-    the run's ``on_error`` policy with the loader's own one-line message. ``as_tensors``: images as H×W×3
-    uint8 tensors, which cross from a worker process through shared memory instead of a pickle."""
+    the run's ``on_error`` policy with the loader's own one-line message. In a worker process the images
+    travel as one ``PackedImages`` (see ``Slots``) instead of a pickle each."""
 
-    def __init__(self, dataset: Any, spans: Sequence[tuple[int, int]], as_tensors: bool = False) -> None:
-        self.dataset, self.spans, self.as_tensors = dataset, list(spans), as_tensors
+    def __init__(self, dataset: Any, spans: Sequence[tuple[int, int]]) -> None:
+        self.dataset, self.spans = dataset, list(spans)
+        self.slots: Slots | None = None  # made in each worker (``_worker_init``)
 
     def __len__(self) -> int:
         return len(self.spans)
 
-    def __getitem__(self, j: int) -> tuple[list[int], list, list[tuple[int, str]]]:
+    def __getitem__(self, j: int) -> tuple[list[int], Any, list[tuple[int, str]]]:
         from wsolbench.datasets.base import DatasetError
 
         start, stop = self.spans[j]
         keep, images, errors = [], [], []
         for i in range(start, stop):
             try:
-                image = self.dataset[i].load_image()  # decoded here (the loader calls load())
-                images.append(_to_tensor(image) if self.as_tensors else image)
+                images.append(self.dataset[i].load_image())  # decoded here (the loader calls load())
                 keep.append(i)
             except DatasetError as exc:
                 errors.append((i, str(exc)))
-        return keep, images, errors
+        return keep, self.slots.pack(j, images) if self.slots is not None else images, errors
 
 
-def _to_tensor(image: Any) -> Any:
-    import numpy as np
-    import torch
+@dataclass(frozen=True)
+class PackedImages:
+    """A batch's RGB images written one after the other into shared block ``slot`` of worker ``worker``
+    (its H×W×3 pixels after an 8-byte header holding the batch index); ``block`` is the shared tensor
+    itself the first time that block is used (or when it had to grow), None after."""
 
-    return torch.from_numpy(np.array(image, dtype=np.uint8))
+    worker: int
+    slot: int
+    batch: int
+    shapes: tuple[tuple[int, int, int], ...]
+    block: Any = None
 
 
-def _to_pil(image: Any) -> Any:
-    from PIL import Image
+HEADER = 8  # bytes: the batch index (int64) a block holds, checked after reading
 
-    return image if isinstance(image, Image.Image) else Image.fromarray(image.numpy(), "RGB")
+
+class Slots:
+    """A worker's ring of shared-memory blocks, reused batch after batch.
+
+    Fresh shared memory for every batch (torch's default for a returned tensor) costs a page fault per 4 kB
+    on first touch, which on this project's VMs cost more than decoding the JPEG; a block is sent to the
+    main process once and reused after. Block ``n % SLOTS`` of a worker holds its n-th batch; the main
+    process copies a batch out as soon as it arrives and ``unpack`` then checks the header still names that
+    batch, so a block reused too early is an error, never wrong pixels. ``SLOTS`` = the loader's prefetch
+    + 1: the DataLoader asks for batch i only once batch i − prefetch × workers has arrived, and hands the
+    workers their batches in turn, so a worker's block last held batch i − SLOTS × workers, already read."""
+
+    def __init__(self, worker: int) -> None:
+        self.worker, self.blocks, self.n = worker, [None] * SLOTS, 0
+
+    def pack(self, j: int, images: Sequence[Any]) -> PackedImages:
+        import numpy as np
+        import torch
+
+        arrays = [np.asarray(im, dtype=np.uint8) for im in images]
+        need = HEADER + sum(a.size for a in arrays)
+        slot, self.n = self.n % SLOTS, self.n + 1
+        block, sent = self.blocks[slot], None
+        if block is None or block.numel() < need:
+            block = sent = self.blocks[slot] = torch.empty(need + need // 4, dtype=torch.uint8).share_memory_()
+        flat = block.numpy()
+        flat[:HEADER] = np.frombuffer(np.int64(j).tobytes(), np.uint8)
+        at = HEADER
+        for a in arrays:
+            flat[at:at + a.size] = a.reshape(-1)
+            at += a.size
+        return PackedImages(self.worker, slot, j, tuple(a.shape for a in arrays), sent)
+
+
+class Unpacker:
+    """The main process's side of ``Slots``: the blocks received so far, and the PIL images of a batch."""
+
+    def __init__(self) -> None:
+        self.blocks: dict[tuple[int, int], Any] = {}
+
+    def __call__(self, packed: Any) -> list:
+        import numpy as np
+        from PIL import Image
+
+        if not isinstance(packed, PackedImages):
+            return packed  # decoded in this process
+        if packed.block is not None:
+            self.blocks[packed.worker, packed.slot] = packed.block
+        flat = self.blocks[packed.worker, packed.slot].numpy()
+        at, images = HEADER, []
+        for shape in packed.shapes:
+            size = int(np.prod(shape))
+            images.append(Image.fromarray(flat[at:at + size].reshape(shape)))  # H×W×3 uint8: RGB; a copy
+            at += size
+        if int(flat[:HEADER].view(np.int64)[0]) != packed.batch:
+            raise RuntimeError(f"decoding worker {packed.worker} reused block {packed.slot} before batch "
+                               f"{packed.batch} was read (a wsolbench bug: raise SLOTS)")
+        return images
+
+
+PREFETCH = 2  # batches each worker decodes ahead (DataLoader's prefetch_factor)
+SLOTS = PREFETCH + 1
 
 
 def _as_is(item: Any) -> Any:
     return item
 
 
-def _worker_init(_: int) -> None:
+def _worker_init(worker: int) -> None:
     import torch
+    from torch.utils.data import get_worker_info
 
     torch.set_num_threads(1)  # decoding needs no intra-op threads; the model's process keeps its own
+    get_worker_info().dataset.slots = Slots(worker)
 
 
 def decoded_batches(dataset: Any, spans: Sequence[tuple[int, int]], workers: int) -> Iterator:
-    """Decoded batches of ``spans`` in order, ``workers`` processes ahead (0: in this thread)."""
+    """Decoded batches of ``spans`` in order, ``workers`` processes ahead (0: in this thread), as
+    ``(kept positions, PIL images, load errors)``."""
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(SpanImages(dataset, spans, as_tensors=workers > 0), batch_size=None, shuffle=False, num_workers=workers,
+    loader = DataLoader(SpanImages(dataset, spans), batch_size=None, shuffle=False, num_workers=workers,
                         collate_fn=_as_is, worker_init_fn=_worker_init if workers else None,
-                        prefetch_factor=2 if workers else None, persistent_workers=False)
-    return iter(loader)
+                        prefetch_factor=PREFETCH if workers else None, persistent_workers=False)
+    unpack = Unpacker()
+    for keep, images, errors in loader:
+        yield keep, unpack(images), errors  # copied out at once: the worker may reuse its block
 
 
 @contextmanager
@@ -148,13 +223,13 @@ def scored_batches(evaluator: Any, dataset: Any, spans: Sequence[tuple[int, int]
     bar = tqdm(total=len(spans), desc=desc, unit="batch", disable=not opts.progress, leave=False)
     images = decoded_batches(dataset, spans, opts.workers)
     pending: deque[tuple[int, Future]] = deque()
-    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="wsolbench-score")
+    pool = ThreadPoolExecutor(max_workers=IN_FLIGHT, thread_name_prefix="wsolbench-score")
     try:
         with serialized_model(evaluator.method, opts.amp, opts.device):
             for k, (keep, imgs, errors) in enumerate(images):
                 skip = _skips(dataset, errors, on_error)
                 pending.append((k, pool.submit(_process, evaluator, dataset, keep, imgs, skip)))
-                if len(pending) == 2:  # batch k's model call overlaps batch k-1's scoring; not further
+                if len(pending) == IN_FLIGHT:
                     yield _finish(pending.popleft(), bar)
             while pending:
                 yield _finish(pending.popleft(), bar)
@@ -172,7 +247,6 @@ def _finish(item: tuple[int, Future], bar: Any) -> tuple[int, tuple[dict, list, 
 
 def _process(evaluator: Any, dataset: Any, keep: list[int], images: list, skip: list) -> tuple[dict, list, list]:
     samples = [dataset[i] for i in keep]
-    images = [_to_pil(im) for im in images]  # the PIL images localize() has always received
     batch_metrics, records = evaluator.process(samples, images) if samples else ({}, [])
     return batch_metrics, records, skip
 

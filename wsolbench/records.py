@@ -43,13 +43,15 @@ def quantize(scoremap: np.ndarray) -> np.ndarray:
     return (np.asarray(scoremap, np.float64) * 255.0).astype(np.uint8)
 
 
-def save_map(path: Path, u8: np.ndarray) -> None:
+def save_map(path: Path, u8: np.ndarray, binary: bool = False) -> None:
     """Write an 8-bit map as PNG at zlib level 1 (level 9 made the map writes most of the harness's CPU on
-    noisy maps and masks for a few percent less disk)."""
+    noisy maps and masks for a few percent less disk); ``binary`` (a 0/255 GT mask): 1 bit per pixel, a
+    quarter of the encoding time, read back as the same 0/255 uint8."""
     import cv2
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), np.ascontiguousarray(u8), [cv2.IMWRITE_PNG_COMPRESSION, 1]):
+    flags = [cv2.IMWRITE_PNG_BILEVEL, 1] if binary else [cv2.IMWRITE_PNG_COMPRESSION, 1]
+    if not cv2.imwrite(str(path), np.ascontiguousarray(u8), flags):
         raise OSError(f"cannot write map {path}")
 
 
@@ -140,7 +142,7 @@ def image_records(samples: Sequence[Any], out: Any, raw: dict[str, np.ndarray],
                 save_map(map_path(maps_dir, variant, s.image_id), quantize(maps[i]))
             variants[variant] = v
         if masks is not None and maps_dir is not None:
-            save_map(map_path(maps_dir, "gt", s.image_id), masks[i].astype(np.uint8) * 255)
+            save_map(map_path(maps_dir, "gt", s.image_id), masks[i].astype(np.uint8) * 255, binary=True)
         rec["variants"] = variants
         records.append(rec)
     return records
@@ -223,7 +225,8 @@ def pointing_records(samples: Sequence[Any], pairs: Sequence[tuple[int, int]], s
                 g = np.asarray(gt)
                 if g.ndim == 2 and g.shape == m.shape:
                     if maps_dir is not None:
-                        save_map(map_path(maps_dir, "gt", s.image_id, f"_c{c}"), g.astype(np.uint8) * 255)
+                        save_map(map_path(maps_dir, "gt", s.image_id, f"_c{c}"), g.astype(np.uint8) * 255,
+                                 binary=True)
                 else:
                     rec.setdefault("gt_boxes_by_class", {})[str(c)] = g.reshape(-1, 4).tolist()
             rec["variants"][variant] = v
