@@ -85,6 +85,7 @@ def test_builtin_aliases_are_known_before_import_and_match_the_decorators():
 
 def test_missing_zoo_exits_4_naming_the_build_command(isolated_env, capsys, monkeypatch):
     monkeypatch.delenv("WSOLBENCH_ZOO_AUTOBUILD", raising=False)
+    monkeypatch.setenv("WSOLBENCH_ZOO_SHIPPED", "0")  # as if the package shipped no zoo
     status = cli.main(["run", "--method", "tedloc", "--dataset", "synthetic-cub", "--profile", "tiny",
                        "--out", str(isolated_env / "runs")])
     err = capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""The demo's method selection: every registered method; the zoo it needs is built only when asked."""
+"""The demo's method selection: every registered method; the zoo it needs ships with the package, and is
+built only when asked."""
 from __future__ import annotations
 
 import pytest
@@ -23,6 +24,7 @@ def test_the_default_is_every_registered_method_fast_ones_first():
 
 
 def test_missing_zoo_stops_the_demo_before_any_work(isolated_env, monkeypatch):
+    monkeypatch.setenv(zoo.SHIPPED_ENV, "0")  # as if the package shipped no zoo
     monkeypatch.setattr(registry, "get_method_class", {"plain": _Plain, "zoo": _ZooBased}.__getitem__)
     monkeypatch.setattr(demo, "demo_methods", lambda methods: ["plain", "zoo"])
     out = isolated_env / "runs"
@@ -39,3 +41,15 @@ def test_build_zoo_builds_what_is_missing_first(isolated_env, monkeypatch):
     monkeypatch.setattr(zoo, "ensure_zoo", lambda scale, models, build: built.append((scale, models, build)))
     demo.prepare_zoo(["plain", "zoo"], build=True)
     assert built == [("tiny", ["clip"], True)]
+
+
+@pytest.mark.skipif(zoo.shipped_root("tiny") is None, reason="no tiny zoo shipped in this checkout")
+def test_the_shipped_zoo_serves_every_method_so_the_demo_needs_no_build(isolated_env, monkeypatch):
+    """With an empty cache, every registered method's tiny zoo models come from the package: `wsolbench demo`
+    starts its runs at once (no --build-zoo, no 15-minute build)."""
+    monkeypatch.delenv(zoo.AUTOBUILD_ENV, raising=False)
+    names = demo.demo_methods()
+    assert {"tedloc", "mmcst", "wwbl", "genpromp"} <= set(names)
+    assert demo.missing_zoo(names) == []
+    demo.prepare_zoo(names, build=False)  # nothing to build, nothing raised
+    assert not zoo.zoo_root("tiny").exists()

@@ -47,6 +47,42 @@ def test_clip_tokenizer_offline_matches_open_clip(monkeypatch, tmp_path):
     assert tok3.add_tokens(["<cub-0>"]) == 1 and tok3.convert_tokens_to_ids("<cub-0>") == 49408
 
 
+def test_world_bpe_is_what_the_builder_writes():
+    """The shipped reduced merges file equals what the builder derives from the world's words today (a new
+    class, colour or template changes it: regenerate with `python -m wsolbench.zoo.builder.vocab`)."""
+    from wsolbench.zoo.builder import vocab
+    from wsolbench.zoo.tokenizers import WORLD_BPE
+
+    assert WORLD_BPE.read_bytes() == vocab.bpe_file_bytes()
+
+
+def test_tiny_clip_tokenizers_keep_openai_pieces_for_world_words(monkeypatch):
+    """The tiny zoo's reduced BPE: the world's words and the prompt templates split into exactly OpenAI's pieces,
+    other text into smaller byte-level ones; open_clip and transformers give the same ids; <|endoftext|> is the
+    largest id (open_clip's text pooling) and the vocabulary fills the tiny text tower's embedding."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from wsolbench.zoo.builder.vocab import world_texts
+    from wsolbench.zoo.tokenizers import WORLD_BPE, make_clip_tokenizer
+
+    full, small = SimpleTokenizer(), SimpleTokenizer(bpe_path=str(WORLD_BPE))
+    size = zoo.spec("tiny", "clip")["text_cfg"]["vocab_size"]
+    assert small.vocab_size == size < 1000 and small.eot_token_id == size - 1 and small.sot_token_id == size - 2
+    hf = make_clip_tokenizer(32, WORLD_BPE)
+    oov = "A goldfish, hammerhead shark & 3 zebras!"
+    for text in world_texts() + [oov]:
+        ids = small.encode(text)
+        assert hf(text)["input_ids"] == [size - 2] + ids + [size - 1], text
+        if text != oov:
+            assert [small.decoder[i] for i in ids] == [full.decoder[i] for i in full.encode(text)], text
+    assert len(small.encode(oov)) > len(full.encode(oov))  # unknown words: more, smaller pieces
+    model, tok = zoo.create_clip("tiny")
+    assert model.token_embedding.weight.shape[0] == size == tok.vocab_size
+    with torch.no_grad():  # the pooled token is <|endoftext|>, wherever the text ends
+        assert model.encode_text(tok(["a photo of a star", "a red striped star on a cluttered background"])).shape == (2, 128)
+
+
 def test_blip_tokenizer_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _, processor = zoo.create_captioner("micro")
@@ -146,7 +182,7 @@ def test_save_reload_bit_identical(tmp_path):
     assert _same_state(m, m3)
 
     comps = zoo.create_diffusion_components("micro", seed=1)
-    diffusion.save_diffusion(comps, tmp_path / "sd")
+    diffusion.save_diffusion(comps, tmp_path / "sd", "micro")
     back = diffusion.load_diffusion(tmp_path / "sd")
     for k in ("vae", "unet", "text_encoder"):
         assert _same_state(comps[k], back[k]), k
@@ -240,6 +276,101 @@ def test_loading_the_zoo_does_not_import_the_builder(micro_zoo):
     loaded = json.loads(out.strip().splitlines()[-1])
     assert "wsolbench.zoo.clip" in loaded and "wsolbench.zoo.diffusion" in loaded  # it did load them
     assert not [m for m in loaded if m.startswith("wsolbench.zoo.builder")], loaded
+
+
+def test_a_changed_file_is_refused_naming_the_rebuild_command(micro_zoo, tmp_path):
+    """Each model's files are checked against the sha256 digests its build recorded before it is loaded."""
+    import shutil
+
+    root, _ = micro_zoo
+    manifest = json.loads((root / "manifest.json").read_text())
+    entry = manifest["models"]["vgg"]
+    assert entry["files"]["model.safetensors"] and len(entry["fingerprint"]) == 16
+    copy = tmp_path / "micro"
+    shutil.copytree(root, copy)
+    assert zoo.ensure_zoo("micro", ["vgg"], root=copy, build=False) == copy  # intact
+    weights = copy / "backbones" / "vgg" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(zoo.ZooCorruptError, match=r"differs from what its build wrote .*changed: model.safetensors.*"
+                                                   r"`wsolbench zoo build --scale micro --models vgg`"):
+        zoo.load_backbone("vgg", "micro", root=copy)
+
+
+def test_models_load_from_the_shipped_zoo_unless_built_in_the_cache(micro_zoo, isolated_env, monkeypatch, capsys):
+    """A model comes from the cache zoo when built there, else from the zoo shipped in the package; the run id
+    records which (its content fingerprint)."""
+    from wsolbench.zoo import manifest as zoo_manifest
+
+    root, _ = micro_zoo
+    real_shipped_root = zoo.shipped_root
+    monkeypatch.setattr(zoo, "shipped_root", lambda scale="tiny": root if scale == "micro" else None)
+    monkeypatch.delenv(zoo.AUTOBUILD_ENV, raising=False)
+    assert zoo.missing_models("micro", None) == [] and zoo.locate("vit", "micro") == root
+    assert zoo.ensure_zoo("micro", ["vit"]) == root and not zoo.zoo_root("micro").exists()  # nothing built
+    shipped = zoo.zoo_fingerprint(["vit"], "micro")["vit"]
+    assert shipped.endswith(zoo_manifest.read_manifest(root)["models"]["vit"]["fingerprint"])
+    zoo.build_zoo("micro", seed=1, models=["classifier"], progress=False)  # the user's own build wins
+    assert zoo.locate("classifier", "micro") == zoo.zoo_root("micro") and zoo.locate("vit", "micro") == root
+    assert zoo.zoo_status("micro")["classifier"]["path"].startswith(str(zoo.zoo_root("micro")))
+    monkeypatch.setattr(zoo, "shipped_root", real_shipped_root)
+    monkeypatch.setenv(zoo.SHIPPED_ENV, "0")  # the package's own shipped zoo is ignored too
+    assert real_shipped_root("tiny") is None
+    with pytest.raises(zoo.ZooMissingError, match="--models vit"):
+        zoo.load_backbone("vit", "micro")
+
+
+SHIPPED = zoo.shipped_root("tiny")
+
+
+@pytest.mark.skipif(SHIPPED is None, reason="no tiny zoo shipped in this checkout")
+def test_the_shipped_tiny_zoo_is_current_intact_and_small():
+    """What the package ships is a complete tiny zoo of the current recipes, byte for byte what its build
+    recorded, within the 30 MB the issue allows for package data."""
+    from wsolbench.zoo import manifest as zoo_manifest
+
+    m = zoo_manifest.read_manifest(SHIPPED)
+    assert m["scale"] == "tiny" and set(m["models"]) == set(zoo.MODELS)
+    for name in zoo.MODELS:
+        assert zoo_manifest.is_built(name, SHIPPED, m, "tiny"), f"{name}: stale; rebuild and re-ship it"
+        assert zoo_manifest.changed_files(name, SHIPPED, m) == [], name
+    size = sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file())
+    assert size <= 30e6, size
+    assert not list(SHIPPED.rglob(".lock")) and not list(SHIPPED.rglob("*.tmp*"))
+
+
+RUN_TINY_METHODS = """
+import json
+import sys
+
+import numpy as np
+
+from wsolbench.datasets.synthetic import CLASS_NAMES
+from wsolbench.registry import create_method, get_method_class, list_methods
+
+zoo_based = [n for n in list_methods() if get_method_class(n).tiny_zoo]
+for name in zoo_based:
+    method = create_method(name, "tiny", class_names=list(CLASS_NAMES))
+    if name == "tedloc":
+        out = method.localize([np.zeros((64, 64, 3), np.uint8)], classes=[0])
+print(json.dumps([zoo_based, sorted(m for m in sys.modules if m.startswith("wsolbench.zoo"))]))
+"""
+
+
+@pytest.mark.skipif(SHIPPED is None, reason="no tiny zoo shipped in this checkout")
+def test_running_tiny_methods_does_not_import_the_builder(tmp_path):
+    """Every zoo-based method's tiny profile builds from the shipped zoo (empty cache, building off) and runs
+    without importing the trainer."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "WSOLBENCH_CACHE": str(tmp_path / "cache"), zoo.AUTOBUILD_ENV: "0"}
+    env.pop(zoo.SHIPPED_ENV, None)
+    out = subprocess.run([sys.executable, "-c", RUN_TINY_METHODS], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    methods, loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"tedloc", "mmcst", "wwbl", "genpromp"} <= set(methods)
+    assert "wsolbench.zoo.clip" in loaded and not [m for m in loaded if m.startswith("wsolbench.zoo.builder")]
 
 
 def test_build_is_deterministic_and_tracks_dependencies(micro_zoo, tmp_path):

@@ -11,6 +11,11 @@ synthetic world (``wsolbench.datasets.synthetic``), cached under ``zoo_root(scal
         captioner/                    transformers BLIP: config.json model.safetensors + processor/tokenizer files
         backbones/{vit,vgg,classifier}/   timm HF layout: config.json + model.safetensors
 
+The tiny zoo also ships inside the package (``wsolbench/zoo/shipped/tiny/``, about 20 MB: exactly what
+``wsolbench zoo build --scale tiny`` writes, manifest included): a model loads from the cache zoo when it is
+built there, else from the shipped zoo (:func:`locate`), after its files are checked against the sha256
+digests its build recorded (a mismatch raises :class:`ZooCorruptError` naming the rebuild command).
+
 Scales: ``micro`` (random-init-sized for tests, trains in seconds) and ``tiny`` (the CPU zoo, <= 15 min on
 2 cores). Model names for ``models=``: ``MODELS``. ``wsolbench zoo build`` calls :func:`build_zoo`, the one
 entry (with :func:`ensure_zoo` when building is asked for) into the trainer, :mod:`wsolbench.zoo.builder`,
@@ -34,8 +39,10 @@ MANIFEST = "manifest.json"
 # "1" (what `--build-zoo` sets): loaders build missing models. Unset or "0": they raise ZooMissingError naming
 # the command, so no run or constructor starts ~15 minutes of training that nobody asked for.
 AUTOBUILD_ENV = "WSOLBENCH_ZOO_AUTOBUILD"
+# "0": ignore the zoo shipped inside the package (tests of a missing zoo; a user who wants only their own build)
+SHIPPED_ENV = "WSOLBENCH_ZOO_SHIPPED"
 
-__all__ = ["SCALES", "SPECS", "MODELS", "ZooMissingError", "zoo_root", "model_dir", "build_zoo", "ensure_zoo",
+__all__ = ["SCALES", "SPECS", "MODELS", "ZooMissingError", "ZooCorruptError", "zoo_root", "shipped_root", "locate", "model_dir", "build_zoo", "ensure_zoo",
            "zoo_status", "create_clip", "load_clip", "create_diffusion_components", "diffusion_dir",
            "load_diffusion_components", "create_captioner", "load_captioner", "create_backbone",
            "load_backbone", "spec", "build_command"]
@@ -43,6 +50,10 @@ __all__ = ["SCALES", "SPECS", "MODELS", "ZooMissingError", "zoo_root", "model_di
 
 class ZooMissingError(FileNotFoundError):
     """A zoo model is not built (and building was not asked for); the message names the command that builds it."""
+
+
+class ZooCorruptError(ZooMissingError):
+    """A zoo model's files differ from the digests its build recorded; the message names the rebuild command."""
 
 
 def zoo_root(scale: str = "tiny") -> Path:
@@ -84,32 +95,62 @@ def _normalise_models(models: Iterable[str] | str | None) -> list[str]:
     return out
 
 
-def zoo_status(scale: str = "tiny", root: str | Path | None = None) -> dict[str, dict]:
-    """{model: {"built", "stale", "path", "quality"}} from the manifest and the folders; ``stale``: built with
-    another recipe (sizes / training budget) than the current code's, so ``ensure_zoo`` rebuilds it."""
-    from .manifest import is_built, read_manifest
+def shipped_root(scale: str = "tiny") -> Path | None:
+    """The zoo shipped inside the package for ``scale`` (``wsolbench/zoo/shipped/<scale>``: exactly what
+    ``wsolbench zoo build`` wrote, checked against its file digests before use), or None when none is shipped
+    or ``WSOLBENCH_ZOO_SHIPPED=0``."""
+    if os.environ.get(SHIPPED_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    root = Path(__file__).with_name("shipped") / check_scale(scale)
+    return root if (root / MANIFEST).is_file() else None
 
-    root = Path(root) if root is not None else zoo_root(scale)
-    manifest = read_manifest(root)
+
+def locate(model: str, scale: str = "tiny") -> Path | None:
+    """The zoo root a model loads from: the cache zoo (:func:`zoo_root`) when it is built there (a zoo the user
+    built wins), else the shipped zoo when it has it, else None (missing or stale everywhere)."""
+    from .manifest import is_built
+
+    for root in (zoo_root(scale), shipped_root(scale)):
+        if root is not None and is_built(model, root, scale=scale):
+            return root
+    return None
+
+
+def _roots(scale: str, models: Iterable[str], root: str | Path | None) -> dict[str, Path | None]:
+    """{model: the root it loads from, None if missing}: under ``root`` when given, else :func:`locate`."""
+    from .manifest import is_built
+
+    if root is None:
+        return {m: locate(m, scale) for m in models}
+    return {m: Path(root) if is_built(m, Path(root), scale=scale) else None for m in models}
+
+
+def zoo_status(scale: str = "tiny", root: str | Path | None = None) -> dict[str, dict]:
+    """{model: {"built", "stale", "path", "quality"}} from the manifests and the folders (``root``, else the
+    cache zoo then the shipped one); ``stale``: built with another recipe (sizes / training budget) than the
+    current code's, so ``ensure_zoo`` rebuilds it."""
+    from .manifest import read_manifest
+
+    found = _roots(scale, MODELS, root)
     out = {}
     for m in MODELS:
-        entry = manifest.get("models", {}).get(m, {})
-        built = is_built(m, root, manifest, scale)
-        out[m] = {"built": built, "stale": bool(entry) and not built, "path": str(model_dir(m, scale, root)),
-                  "quality": entry.get("quality")}
+        where = found[m] or (Path(root) if root is not None else zoo_root(scale))
+        entry = read_manifest(where).get("models", {}).get(m, {})
+        out[m] = {"built": found[m] is not None, "stale": bool(entry) and found[m] is None,
+                  "path": str(model_dir(m, scale, where)), "quality": entry.get("quality")}
     return out
 
 
 def zoo_fingerprint(models: Iterable[str], scale: str = "tiny", root: str | Path | None = None) -> dict:
-    """{model: "<recipe>/<seed>/<built_at>"} from the manifest (None where not built): what a run records
-    about the zoo it used, so that rebuilding the zoo gives a new run id instead of resuming old results."""
+    """{model: "<recipe>/<content fingerprint>"} of the zoo models a run loads (None where not built): what a
+    run records about the zoo it used, so that another zoo gives a new run id instead of resuming old results."""
     from .manifest import read_manifest
 
-    entries = read_manifest(Path(root) if root is not None else zoo_root(scale)).get("models", {})
+    models = list(models)
     out = {}
-    for m in models:
-        e = entries.get(m)
-        out[m] = f"{e.get('recipe')}/{e.get('seed')}/{e.get('built_at')}" if e else None
+    for m, where in _roots(scale, models, root).items():
+        e = read_manifest(where).get("models", {}).get(m) if where is not None else None
+        out[m] = f"{e.get('recipe')}/{e.get('fingerprint')}" if e else None
     return out
 
 
@@ -134,12 +175,9 @@ def autobuild() -> bool:
 
 
 def missing_models(scale: str, models: Iterable[str] | str | None, root: str | Path | None = None) -> list[str]:
-    """The named zoo models (all when None) that are not built (or are stale) under ``root``."""
-    from .manifest import is_built, read_manifest
-
-    root = Path(root) if root is not None else zoo_root(scale)
-    manifest = read_manifest(root)
-    return [m for m in _normalise_models(models) if not is_built(m, root, manifest, scale)]
+    """The named zoo models (all when None) that are not built (or are stale) under ``root`` (default: in
+    neither the cache zoo nor the shipped one)."""
+    return [m for m, where in _roots(scale, _normalise_models(models), root).items() if where is None]
 
 
 def missing_message(scale: str, missing: Iterable[str], root: str | Path | None = None) -> str:
@@ -154,34 +192,62 @@ def missing_message(scale: str, missing: Iterable[str], root: str | Path | None 
 
 def ensure_zoo(scale: str = "tiny", models: Iterable[str] | str | None = None, *, seed: int = 0,
                root: str | Path | None = None, build: bool | None = None) -> Path:
-    """Return the zoo root, building missing models first (it prints what it builds).
+    """Return the zoo root the models load from (``root``, else the cache zoo or the shipped one: see
+    :func:`locate`), building missing ones into the cache zoo (or ``root``) first (it prints what it builds),
+    after checking each model's files against the digests its build recorded.
 
     ``build=None`` follows ``WSOLBENCH_ZOO_AUTOBUILD`` (default off: see :func:`autobuild`); with building off
-    a missing model raises :class:`ZooMissingError` naming the command that builds it.
+    a missing model raises :class:`ZooMissingError` naming the command that builds it; a model whose files
+    changed since its build raises :class:`ZooCorruptError` (the same command rebuilds it into the cache).
     """
     from .manifest import is_built, read_manifest, with_dependencies, zoo_lock
 
     scale = check_scale(scale)
-    root = Path(root) if root is not None else zoo_root(scale)
     wanted = _normalise_models(models)
     if build is None:
         build = autobuild()
+    target = Path(root) if root is not None else zoo_root(scale)
     missing = missing_models(scale, wanted, root)
-    if not missing:
-        return root
-    if not build:
-        raise ZooMissingError(missing_message(scale, missing, root))
-    with zoo_lock(root):
-        manifest = read_manifest(root)  # another process may have built it meanwhile
-        missing = [m for m in wanted if not is_built(m, root, manifest, scale)]
-        if missing:
-            todo = [m for m in with_dependencies(missing) if m in missing or not is_built(m, root, manifest, scale)]
-            print(f"[wsolbench zoo] building the {scale} zoo models {', '.join(todo)} into {root} "
-                  f"(same as `{build_command(scale, missing)}`)", flush=True)
-            from .builder import build as _build  # the trainer: imported only to build
+    if missing and not build:
+        raise ZooMissingError(missing_message(scale, missing, target))
+    if missing:
+        with zoo_lock(target):
+            manifest = read_manifest(target)  # another process may have built it meanwhile
+            missing = [m for m in wanted if not is_built(m, target, manifest, scale)]
+            if missing:
+                todo = [m for m in with_dependencies(missing) if m in missing or not is_built(m, target, manifest, scale)]
+                print(f"[wsolbench zoo] building the {scale} zoo models {', '.join(todo)} into {target} "
+                      f"(same as `{build_command(scale, missing)}`)", flush=True)
+                from .builder import build as _build  # the trainer: imported only to build
 
-            _build(scale, root=root, seed=seed, models=missing, progress=True, force=False, lock=False)
-    return root
+                _build(scale, root=target, seed=seed, models=missing, progress=True, force=False, lock=False)
+    found = _roots(scale, wanted, root)
+    for m, where in found.items():
+        _verify(scale, m, where)
+    roots = set(found.values())
+    return roots.pop() if len(roots) == 1 else target
+
+
+_VERIFIED: set[tuple] = set()  # (fingerprint, the folder's files with their sizes and mtimes) checked already
+
+
+def _verify(scale: str, model: str, root: Path) -> None:
+    """Raise :class:`ZooCorruptError` when a built model's files differ from the digests its build recorded."""
+    from .manifest import changed_files, read_manifest
+
+    manifest = read_manifest(root)
+    folder = model_dir(model, scale, root)
+    recorded = str(manifest["models"][model].get("fingerprint"))
+    key = (recorded, tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))))
+    if key in _VERIFIED:  # hashed already in this process, and no file changed since
+        return
+    changed = changed_files(model, root, manifest)
+    if changed:
+        raise ZooCorruptError(
+            f"the {scale} zoo model {model} in {folder} differs from what its build wrote "
+            f"(fingerprint {recorded}; changed: {', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}); "
+            f"rebuild it with `{build_command(scale, [model])}`")
+    _VERIFIED.add(key)
 
 
 # ----------------------------------------------------------------------------------------------- CLIP

@@ -5,8 +5,10 @@
 * A trained CLIP is saved as an open_clip "local-dir" folder (``open_clip_config.json`` with
   ``model_cfg`` + ``preprocess_cfg``, and ``open_clip_model.safetensors``), exactly the layout of
   ``hf-hub:`` open_clip repositories, and reloads with ``open_clip.create_model("local-dir:<dir>")``.
-* Tokenizer: open_clip's ``SimpleTokenizer`` over its bundled BPE file (offline), context length from
-  the config (16 micro, 32 tiny).
+* Tokenizer: open_clip's ``SimpleTokenizer`` over the scale's BPE merges file (``SPECS[scale]["tokenizer"]``:
+  OpenAI's for micro, the synthetic world's reduced one for tiny, see :mod:`.tokenizers`), context length from
+  the config (16 micro, 32 tiny). A saved CLIP folder carries its merges file (``bpe_simple_vocab.txt.gz``),
+  so the tokenizer travels with the weights.
 * Image input (what Grad-CAM / relevancy code needs): ``model.visual.image_size`` (H, W) (32 micro,
   64 tiny), ``model.visual.patch_size`` (8, 8) so the token grid is ``image_size // patch_size``
   (4x4 micro, 8x8 tiny); pixels in [0, 1] normalised with ``model.visual.preprocess_cfg["mean"/"std"]``
@@ -21,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from .specs import OPENAI_MEAN, OPENAI_STD, check_scale, spec
+from .tokenizers import clip_bpe_path
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
+BPE_FILE = "bpe_simple_vocab.txt.gz"  # the model's BPE merges, in OpenAI's format
 _REGISTERED: set[str] = set()
 
 
@@ -69,12 +73,24 @@ def create_clip(scale: str = "micro", seed: int | None = 0):
     finally:
         root.setLevel(level)
     model.visual.preprocess_cfg = dict(preprocess_cfg(scale))
-    tokenizer = open_clip.get_tokenizer(model_name(scale))
-    return model, tokenizer
+    return model, _tokenizer(model_name(scale), clip_bpe_path(scale), spec(scale, "clip")["text_cfg"]["vocab_size"])
+
+
+def _tokenizer(name: str, bpe_path: Path, vocab_size: int):
+    """open_clip's tokenizer for ``name`` over ``bpe_path``, checked to fill the model's embedding table."""
+    import open_clip
+
+    tokenizer = open_clip.get_tokenizer(name, bpe_path=str(bpe_path))
+    if tokenizer.vocab_size != vocab_size:
+        raise ValueError(f"{bpe_path}: {tokenizer.vocab_size} token ids but the CLIP text tower ({name}) has "
+                         f"vocab_size {vocab_size}; rebuild the zoo (`wsolbench zoo build`)")
+    return tokenizer
 
 
 def save_clip(model, directory: str | Path, scale: str, extra: dict | None = None) -> Path:
-    """Write an open_clip local-dir folder (config + safetensors)."""
+    """Write an open_clip local-dir folder (config + safetensors + the scale's BPE merges file)."""
+    import shutil
+
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -85,6 +101,7 @@ def save_clip(model, directory: str | Path, scale: str, extra: dict | None = Non
     (directory / CONFIG_FILE).write_text(json.dumps(cfg, indent=2), encoding="utf-8")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(directory / WEIGHTS_FILE))
+    shutil.copyfile(clip_bpe_path(scale), directory / BPE_FILE)
     return directory
 
 
@@ -98,7 +115,8 @@ def load_clip_dir(directory: str | Path, device: str = "cpu"):
     model = open_clip.create_model(f"local-dir:{directory}", device=device)
     cfg = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
     model.visual.preprocess_cfg = dict(cfg.get("preprocess_cfg", {}))
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{directory}")
+    bpe = directory / BPE_FILE if (directory / BPE_FILE).is_file() else clip_bpe_path()  # older folders: OpenAI's
+    tokenizer = _tokenizer(f"local-dir:{directory}", bpe, cfg["model_cfg"]["text_cfg"]["vocab_size"])
     return model.eval(), tokenizer
 
 
@@ -108,12 +126,13 @@ def text_encoder_config(scale: str):
     from transformers import CLIPTextConfig
 
     t = spec(scale, "clip")["text_cfg"]
+    bos, eos = t["vocab_size"] - 2, t["vocab_size"] - 1  # the two special tokens close the vocabulary
     return CLIPTextConfig(vocab_size=t["vocab_size"], hidden_size=t["width"], intermediate_size=4 * t["width"],
                           num_hidden_layers=t["layers"], num_attention_heads=t["heads"],
                           max_position_embeddings=t["context_length"],
                           hidden_act="quick_gelu" if spec(scale, "clip").get("quick_gelu") else "gelu",
                           layer_norm_eps=1e-5, projection_dim=spec(scale, "clip")["embed_dim"],
-                          bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+                          bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
 
 
 def open_clip_text_to_hf_state_dict(model) -> dict:

@@ -5,8 +5,8 @@ channels), ``unet`` (``UNet2DConditionModel``: two resolutions, cross-attention 
 and the mid block, so attention maps exist at the latent resolution and half of it: 16x16 and 8x8 for the
 tiny zoo's 64 px images / 16x16 latents, 8x8 and 4x4 for micro), ``text_encoder``
 (``transformers.CLIPTextModel``; in the built zoo it is the zoo CLIP's text tower, frozen, as SD uses
-OpenAI CLIP's), ``tokenizer`` (``transformers.CLIPTokenizer`` rebuilt offline from open_clip's BPE file;
-ids identical to SD's) and ``scheduler`` (``DDPMScheduler`` with SD's scaled-linear betas, 1000 steps).
+OpenAI CLIP's), ``tokenizer`` (``transformers.CLIPTokenizer`` rebuilt offline from the scale's BPE merges file, the zoo
+CLIP's: OpenAI's for micro, ids identical to SD's; the synthetic world's reduced one for tiny) and ``scheduler`` (``DDPMScheduler`` with SD's scaled-linear betas, 1000 steps).
 
 On disk (``diffusion_dir``): ``vae/ unet/ text_encoder/ tokenizer/ scheduler/`` plus
 ``model_index.json``, each loadable with ``<Class>.from_pretrained(dir, subfolder=...)``. Latents are
@@ -62,9 +62,9 @@ def create_scheduler():
 
 
 def create_tokenizer(scale: str = "micro"):
-    from .tokenizers import make_clip_tokenizer
+    from .tokenizers import clip_bpe_path, make_clip_tokenizer
 
-    return make_clip_tokenizer(spec(scale, "clip")["text_cfg"]["context_length"])
+    return make_clip_tokenizer(spec(scale, "clip")["text_cfg"]["context_length"], clip_bpe_path(scale))
 
 
 def create_text_encoder(scale: str = "micro"):
@@ -86,14 +86,15 @@ def create_diffusion_components(scale: str = "micro", seed: int | None = 0) -> d
             "tokenizer": create_tokenizer(scale), "scheduler": create_scheduler()}
 
 
-def save_diffusion(components: dict, directory: str | Path) -> Path:
+def save_diffusion(components: dict, directory: str | Path, scale: str) -> Path:
     """``save_pretrained`` every component into its subfolder (safetensors) and write model_index.json."""
-    from .tokenizers import write_clip_bpe_files
+    from .tokenizers import clip_bpe_path, write_clip_bpe_files
 
     directory = Path(directory)
     for name in SUBFOLDERS:
         components[name].save_pretrained(str(directory / name))
-    write_clip_bpe_files(directory / "tokenizer")  # vocab.json + merges.txt, as in SD's tokenizer folder
+    # vocab.json + merges.txt, as in SD's tokenizer folder
+    write_clip_bpe_files(directory / "tokenizer", clip_bpe_path(scale))
     index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": _version("diffusers"),
              "vae": ["diffusers", "AutoencoderKL"], "unet": ["diffusers", "UNet2DConditionModel"],
              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],

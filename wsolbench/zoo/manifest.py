@@ -3,7 +3,9 @@
 * ``TRAIN``: the training budget of each model at each scale; with the sizes in :mod:`.specs` it makes up a
   model's :func:`recipe` hash, so a model built with another recipe is stale.
 * ``BUILD_ORDER`` / ``DEPENDS``: what each model is initialised or distilled from.
-* ``manifest.json``: :func:`read_manifest`, :func:`is_built` (folder complete, recipe current).
+* ``manifest.json``: :func:`read_manifest`, :func:`is_built` (folder complete, recipe current), and each
+  model's content fingerprint: the sha256 of every file in its folder (``files``) and one hash over them
+  (``fingerprint``), written by the build and checked before a model is loaded (:func:`changed_files`).
 * :func:`zoo_lock`: one build at a time per zoo folder.
 
 The loaders need these to tell a built, current model from a missing or stale one; the trainer that writes
@@ -12,14 +14,16 @@ the manifest is :mod:`wsolbench.zoo.builder` (imported only when building).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
 from .specs import spec
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-model file digests and fingerprint; the tiny CLIP's reduced BPE vocabulary
 
 # Training budgets per scale. Pool: rendered training scenes; test: held-out scenes.
 TRAIN: dict[str, dict] = {
@@ -98,15 +102,46 @@ def with_dependencies(models) -> list[str]:
 def recipe(scale: str, model: str) -> str:
     """A short hash of everything that defines a zoo model (format, sizes, training budget, and the recipes
     of the models it is built from): a manifest entry with another recipe is stale and gets rebuilt."""
-    import hashlib
-
     parts = {"diffusion": ["vae", "unet"]}.get(model, [model])
     budget = TRAIN[scale]
     blob = {"format": FORMAT_VERSION, "pool": budget["pool"], "test": budget["test"],
             "spec": {p: spec(scale, p) for p in parts},
             "train": {p: budget[p] for p in parts},
             "deps": {d: recipe(scale, d) for d in DEPENDS.get(model, ())}}
+    if model == "clip":  # its merges file defines the text tower's token ids
+        blob["bpe"] = _bpe_digest(scale)
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+@lru_cache(maxsize=None)
+def _bpe_digest(scale: str) -> str:
+    from .tokenizers import clip_bpe_path
+
+    return hashlib.sha256(clip_bpe_path(scale).read_bytes()).hexdigest()
+
+
+def file_digests(directory: Path) -> dict[str, str]:
+    """{path relative to ``directory`` (POSIX): sha256} of every file under a model's folder, sorted."""
+    directory = Path(directory)
+    return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def fingerprint(files: dict[str, str]) -> str:
+    """One short hash over a model's file digests: what a run records about the zoo model it used."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def changed_files(model: str, root: Path, manifest: dict) -> list[str]:
+    """The files of a built model whose content differs from the digests its build recorded (missing, extra or
+    altered; [] when intact)."""
+    from . import model_dir
+
+    recorded = manifest.get("models", {}).get(model, {}).get("files")
+    if not recorded:
+        return ["(no file digests recorded)"]
+    found = file_digests(model_dir(model, root=root))
+    return sorted(k for k in set(recorded) | set(found) if recorded.get(k) != found.get(k))
 
 
 def is_built(model: str, root: Path, manifest: dict | None = None, scale: str | None = None) -> bool:

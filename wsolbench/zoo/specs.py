@@ -24,6 +24,7 @@ SPECS: dict[str, dict[str, Any]] = {
                            "mlp_ratio": 4.0, "no_ln_pre": True},
             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
         },
+        "tokenizer": {"bpe": "openai"},  # OpenAI CLIP's BPE (open_clip's bundled file): 49,408 ids
         "vae": {"sample_size": 32, "block_out_channels": (8, 16, 16), "layers_per_block": 1,
                 "latent_channels": 4, "norm_num_groups": 4},
         "unet": {"sample_size": 8, "block_out_channels": (16, 32), "layers_per_block": 1,
@@ -43,8 +44,11 @@ SPECS: dict[str, dict[str, Any]] = {
             "quick_gelu": False,
             "vision_cfg": {"image_size": 64, "layers": 4, "width": 64, "head_width": 16, "patch_size": 8,
                            "mlp_ratio": 4.0, "no_ln_pre": True},
-            "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
+            # vocab_size: 512 byte symbols + the 232 OpenAI merges the synthetic world uses + 2 specials
+            # (tokenizers.WORLD_BPE; the full 49,408-row embedding was 25 of the model's 29 MB)
+            "text_cfg": {"context_length": 32, "vocab_size": 746, "width": 128, "heads": 4, "layers": 3},
         },
+        "tokenizer": {"bpe": "synthetic-world"},  # tokenizers.WORLD_BPE: OpenAI's merges the world's words use
         "vae": {"sample_size": 64, "block_out_channels": (16, 32, 64), "layers_per_block": 1,
                 "latent_channels": 4, "norm_num_groups": 8},
         "unet": {"sample_size": 16, "block_out_channels": (32, 64), "layers_per_block": 1,

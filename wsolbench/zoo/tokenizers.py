@@ -9,6 +9,13 @@
   :func:`clip_bpe_vocab_and_merges` rebuilds ``vocab.json`` / ``merges.txt`` from it, and
   :func:`make_clip_tokenizer` turns them into a ``transformers.CLIPTokenizer`` (pad = ``<|endoftext|>``,
   as in Stable Diffusion).
+* The tiny zoo's CLIP BPE (``SPECS["tiny"]["tokenizer"]``): the same file format, byte-level rules and special
+  tokens, but only the OpenAI merges that the synthetic world's words and the methods' prompt templates use
+  (``WORLD_BPE``, written by :mod:`wsolbench.zoo.builder.vocab`), in their OpenAI rank order: those words
+  split into exactly the OpenAI pieces, any other text into smaller byte-level pieces, and the vocabulary
+  shrinks from 49,408 to ``SPECS["tiny"]["clip"]["text_cfg"]["vocab_size"]`` ids (``<|endoftext|>`` is still
+  the largest id, which open_clip's text pooling relies on). open_clip's ``SimpleTokenizer(bpe_path=...)``
+  and ``transformers.CLIPTokenizer`` read it as they read OpenAI's file.
 * BLIP captioner: a BERT WordPiece ``vocab.txt`` made of the special tokens BLIP uses
   (``[PAD] [UNK] [CLS] [SEP] [MASK] [DEC]``) plus the whole words of the synthetic world's captions, so
   ``BertTokenizer`` / ``BlipProcessor`` load from a local directory.
@@ -24,13 +31,19 @@ from typing import Iterable
 CLIP_BOS = "<|startoftext|>"
 CLIP_EOS = "<|endoftext|>"
 N_CLIP_MERGES = 49152 - 256 - 2  # as in OpenAI CLIP / open_clip SimpleTokenizer
+# the tiny zoo's reduced merges file, shipped beside this module (regenerate: python -m wsolbench.zoo.builder.vocab)
+WORLD_BPE = Path(__file__).with_name("bpe_synthetic_world.txt.gz")
+BPE_FILES = {"openai": None, "synthetic-world": WORLD_BPE}  # SPECS[scale]["tokenizer"]["bpe"] -> file
 
 
-def clip_bpe_path() -> Path:
-    """The BPE merges file bundled with open_clip (no download)."""
+def clip_bpe_path(scale: str | None = None) -> Path:
+    """The BPE merges file of a zoo scale's CLIP (``None``: OpenAI's, bundled with open_clip; no download)."""
     from open_clip.tokenizer import default_bpe
 
-    return Path(default_bpe())
+    from .specs import spec
+
+    path = BPE_FILES[spec(scale, "tokenizer")["bpe"]] if scale is not None else None
+    return Path(default_bpe()) if path is None else path
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -39,10 +52,10 @@ def _bytes_to_unicode() -> dict[int, str]:
     return bytes_to_unicode()
 
 
-@lru_cache(maxsize=1)
-def clip_bpe_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
-    """(vocab token -> id, merges as "a b" strings) rebuilt from open_clip's bundled BPE file."""
-    lines = gzip.open(clip_bpe_path()).read().decode("utf-8").split("\n")
+@lru_cache(maxsize=4)
+def clip_bpe_vocab_and_merges(bpe_path: Path | None = None) -> tuple[dict[str, int], list[str]]:
+    """(vocab token -> id, merges as "a b" strings) rebuilt from a BPE merges file (default: OpenAI's)."""
+    lines = gzip.open(bpe_path or clip_bpe_path()).read().decode("utf-8").split("\n")
     merges = lines[1:N_CLIP_MERGES + 1]
     symbols = list(_bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols]
@@ -51,22 +64,22 @@ def clip_bpe_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     return {tok: i for i, tok in enumerate(vocab)}, merges
 
 
-def write_clip_bpe_files(directory: str | Path) -> tuple[Path, Path]:
+def write_clip_bpe_files(directory: str | Path, bpe_path: Path | None = None) -> tuple[Path, Path]:
     """Write ``vocab.json`` and ``merges.txt`` (the layout of an HF CLIP tokenizer folder)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    vocab, merges = clip_bpe_vocab_and_merges()
+    vocab, merges = clip_bpe_vocab_and_merges(bpe_path)
     vocab_path, merges_path = directory / "vocab.json", directory / "merges.txt"
     vocab_path.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     merges_path.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     return vocab_path, merges_path
 
 
-def make_clip_tokenizer(model_max_length: int = 77):
-    """A ``transformers.CLIPTokenizer`` equal to OpenAI CLIP's, built offline from open_clip's BPE file."""
+def make_clip_tokenizer(model_max_length: int = 77, bpe_path: Path | None = None):
+    """A ``transformers.CLIPTokenizer`` over a BPE merges file (default: OpenAI CLIP's, from open_clip), offline."""
     from transformers import CLIPTokenizer
 
-    vocab, merges = clip_bpe_vocab_and_merges()
+    vocab, merges = clip_bpe_vocab_and_merges(bpe_path)
     tok = CLIPTokenizer(vocab=dict(vocab), merges=[tuple(m.split()) for m in merges], unk_token=CLIP_EOS, bos_token=CLIP_BOS,
                         eos_token=CLIP_EOS, pad_token=CLIP_EOS, model_max_length=model_max_length)
     return tok

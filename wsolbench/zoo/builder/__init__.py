@@ -5,7 +5,7 @@
 README.md here). Modules: :mod:`.train` (one training function per model, each with its quality check),
 :mod:`.data` (the rendered training pool), :mod:`.convert` (ViT trunk conversions between libraries).
 
-Deterministic by seed (for a given torch build and thread count: ``DEFAULT_THREADS`` unless
+Deterministic by seed (for a given torch build, CPU kind and thread count: ``DEFAULT_THREADS`` unless
 ``WSOLBENCH_ZOO_THREADS`` says otherwise). Each model is trained into a temporary folder next to its final
 place and moved there in one rename; ``manifest.json`` is rewritten atomically after every model, so an
 interrupted build keeps what it finished.
@@ -18,17 +18,18 @@ import shutil
 import time
 from pathlib import Path
 
-from ..manifest import DEPENDS, FORMAT_VERSION, MANIFEST, TRAIN, is_built, read_manifest, recipe, \
-    with_dependencies, zoo_lock
+from ..manifest import DEPENDS, FORMAT_VERSION, MANIFEST, TRAIN, file_digests, fingerprint, is_built, \
+    read_manifest, recipe, with_dependencies, zoo_lock
 from ..specs import spec
 from .train import Progress, quiet_libraries, train_backbone, train_captioner, train_clip, train_unet, train_vae
 
-# Threads: results are deterministic for a fixed thread count. The tiny zoo uses 2 (where the CPU has them):
-# on this project's idle 2-core machine that builds all six models in ~15 min (14.5-17 measured, the VM's
-# speed varies) instead of ~25 with one; on a CPU shared with other jobs a second thread can cost more in
-# synchronisation than it gains (measured 5-8x slower per step under load), so set WSOLBENCH_ZOO_THREADS=1
-# there. The micro zoo (tests) uses one.
-DEFAULT_THREADS = {"micro": 1, "tiny": min(2, os.cpu_count() or 1)}
+# Threads: the weights depend on the thread count (a micro build with 1 and with 2 threads gives other bits),
+# so the default is the one the shipped tiny zoo was built with, one, and `wsolbench zoo build` reproduces it.
+# One thread is also the robust choice on a shared CPU: under a load of ~5 on this project's 2-core machine the
+# tiny classifier trained at 7 steps/s with one thread and 0.5-1 with two (each step waits for both); on an
+# idle 2-core machine two threads were faster (~15 min for the whole tiny zoo instead of ~25).
+# WSOLBENCH_ZOO_THREADS=N overrides it (N is recorded in the manifest).
+DEFAULT_THREADS = {"micro": 1, "tiny": 1}
 
 # Quality must clearly beat chance: (figure, threshold) checked for the tiny zoo.
 QUALITY_BARS = {
@@ -129,10 +130,12 @@ def _build(scale: str, root: Path, seed: int, models: list[str], progress: bool,
                 trained[name] = model
                 _install(tmp, final)
                 secs = round(time.perf_counter() - t0, 1)
-                entry = {"path": str(final.relative_to(root)), "seed": seed, "seconds": secs,
+                files = file_digests(final)
+                entry = {"path": final.relative_to(root).as_posix(), "seed": seed, "seconds": secs,
                          "cpu_seconds": round(time.process_time() - c0, 1), "threads": threads,
                          "recipe": recipe(scale, name), "built_from": list(DEPENDS.get(name, ())),
-                         "quality": quality, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                         "quality": quality, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                         "fingerprint": fingerprint(files), "files": files}
                 manifest = _write_manifest(root, scale, seed, {name: entry})
                 results[name] = quality
                 prog.log(f"{name}: {_fmt_quality(quality)} ({secs}s)")
@@ -198,7 +201,7 @@ def _build_one(name: str, scale: str, pool, test, seed: int, prog: Progress, tmp
         vae.requires_grad_(False)
         unet, qu = train_unet(scale, pool, test, seed, prog, vae, text_encoder, tokenizer, scheduler)
         save_diffusion({"vae": vae, "unet": unet, "text_encoder": text_encoder, "tokenizer": tokenizer,
-                        "scheduler": scheduler}, tmp)
+                        "scheduler": scheduler}, tmp, scale)
         return None, {"vae": qv, "unet": qu}
     if name == "captioner":
         (model, processor), q = train_captioner(scale, pool, test, seed, prog, tmp / "_vocab", vit=deps.get("vit"))
