@@ -41,8 +41,9 @@ class EvalOptions:
 
 def default_workers(world: World) -> int:
     """Decoding processes per rank: the rank's share of the CPU cores less the two its own threads keep busy
-    (model calls, scoring), at most ``MAX_WORKERS``. On 2 cores that is 0: decoding in the main thread, ahead
-    of the scoring threads, was faster there than worker processes (bench/harness_bench.py)."""
+    (model calls, scoring), at most ``MAX_WORKERS``. On 2 cores that is 0: there, decoding in the main thread,
+    ahead of the scoring threads, beat 2 worker processes, which cost ~2 ms of CPU per image more (forked
+    copies of a large process page-fault; bench/harness_bench.py)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
