@@ -884,17 +884,14 @@ def _evaluate(evaluator: _Evaluator, dataset: Any, cache: Path, hcfg: dict, opts
     spans = list(_batches(len(dataset), int(hcfg["batch_size"])))
     shards = [cache / f"batch-{start:08d}.npz" for start, _ in spans]
     todo = [j for j in world.share(len(spans)) if not shards[j].exists()]
-    fresh: dict[int, tuple[dict, list, list]] = {}
     for k, result in scored_batches(evaluator, dataset, [spans[j] for j in todo], hcfg["on_error"], opts, desc):
-        j = todo[k]
-        _write_shard(shards[j], _span_ids(dataset, spans[j]), *result)
-        fresh[j] = result
-    barrier()  # every shard is on disk
+        _write_shard(shards[todo[k]], _span_ids(dataset, spans[todo[k]]), *result)
+    barrier()  # every shard is on disk; merged from there (a batch's metric objects, which may hold
+    # MaxBoxAcc's threads, are not kept: 50k images would be 3k batches of them)
     skipped: list[dict] = []
     records_all: list[dict] = []
     for j, span in enumerate(spans):
-        batch_metrics, records, skip = fresh.pop(j) if j in fresh else \
-            _read_shard(shards[j], _span_ids(dataset, span), evaluator)
+        batch_metrics, records, skip = _read_shard(shards[j], _span_ids(dataset, span), evaluator)
         evaluator.absorb(batch_metrics)
         records_all.extend(records)
         skipped.extend(skip)
