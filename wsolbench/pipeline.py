@@ -104,8 +104,8 @@ class Slots:
     """A worker's ring of shared-memory blocks, reused batch after batch.
 
     Fresh shared memory for every batch (torch's default for a returned tensor) costs a page fault per 4 kB
-    on first touch, which on this project's VMs cost more than decoding the JPEG; a block is sent to the
-    main process once and reused after. Block ``n % SLOTS`` of a worker holds its n-th batch; the main
+    on first touch, on this project's VMs about as much CPU as decoding the JPEG; a block is sent to the main
+    process once and reused after. Block ``n % SLOTS`` of a worker holds its n-th batch; the main
     process copies a batch out as soon as it arrives and ``unpack`` then checks the header still names that
     batch, so a block reused too early is an error, never wrong pixels. ``SLOTS`` = the loader's prefetch
     + 1: the DataLoader asks for batch i only once batch i − prefetch × workers has arrived, and hands the
