@@ -41,3 +41,16 @@ def test_table_reports_margins_and_spread():
     assert "| cam | synthetic-cub | 1 | gt_known_loc | 50.0 | 12.0 | 38.0 |" in text
     assert "| **cam** | synthetic-cub | all | gt_known_loc | 45.0 ± 7.1 (min 40.0) | 13.0 ± 1.4 (min 12.0) | " \
            "32.0 ± 8.5 (min 26.0) | |" in text
+
+
+def test_centre_under_its_own_protocol_only_where_the_method_scores_differently(monkeypatch):
+    """GenPromp's fixed-threshold protocol scores the centre Gaussian near 0: the table also shows the centre
+    under its own protocol; where the protocols agree nothing is added."""
+    from types import SimpleNamespace
+
+    bench = _bench()
+    own = SimpleNamespace(record={"protocol": {"name": "wsolevaluation"}}, results={"default": {"gt_known_loc": 13.0}})
+    monkeypatch.setattr(bench, "run_one", lambda *a, **k: own)
+    assert bench.centre_own_protocol("synthetic-cub", Path("w"), Path("r"), "genpromp", "gt_known_loc") == \
+        "centre under wsolevaluation 13.0"
+    assert bench.centre_own_protocol("synthetic-cub", Path("w"), Path("r"), "wsolevaluation", "gt_known_loc") == ""
