@@ -2,7 +2,8 @@
 
 It generates the synthetic CUB-format and VOC-format sets (cached), trains the tiny profiles that need
 training, evaluates every registered method (or those named) that can serve each set, and prints + writes the
-leaderboard. The zoo models the tiny profiles stand on are built first only when asked (``--build-zoo``).
+leaderboard. The zoo models the tiny profiles stand on ship with the package (``wsolbench.zoo.shipped_root``;
+a zoo built in the cache wins); if neither has them they are built first only when asked (``--build-zoo``).
 Runs resume: a second ``wsolbench demo`` reuses finished work (``--fresh`` discards it).
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ def demo_methods(methods: Sequence[str] | None = None) -> list[str]:
 
 
 def missing_zoo(methods: Sequence[str]) -> list[str]:
-    """The tiny zoo models that ``methods`` stand on and that are not built (or are stale)."""
+    """The tiny zoo models that ``methods`` stand on and that neither the cache nor the shipped zoo has current."""
     from . import zoo
     from .registry import get_method_class
 
