@@ -36,6 +36,7 @@ def test_missing_zoo_stops_the_demo_before_any_work(isolated_env, monkeypatch):
 
 
 def test_build_zoo_builds_what_is_missing_first(isolated_env, monkeypatch):
+    monkeypatch.setenv(zoo.SHIPPED_ENV, "0")  # as if the package shipped no zoo
     monkeypatch.setattr(registry, "get_method_class", {"plain": _Plain, "zoo": _ZooBased}.__getitem__)
     built = []
     monkeypatch.setattr(zoo, "ensure_zoo", lambda scale, models, build: built.append((scale, models, build)))
