@@ -143,22 +143,26 @@ class _ZooMethod(Localizer):
 def test_a_rebuilt_zoo_is_a_new_run_not_a_resumed_one(isolated_env, monkeypatch):
     """Tiny runs record the zoo models they stand on: after a rebuild, --resume must not reuse old results."""
     from wsolbench import zoo
+    from wsolbench.zoo.manifest import recipe
 
     monkeypatch.setitem(METHODS.builtins, "zoomethod", "x:y")
     METHODS.register("zoomethod", _ZooMethod)
     monkeypatch.setattr(harness, "load_method_config", lambda *a, **k: {})
+    monkeypatch.setenv(zoo.SHIPPED_ENV, "0")  # no zoo at first (not even the shipped one)
     root = zoo.zoo_root("tiny")
-    root.mkdir(parents=True)
+    (root / "backbones" / "vit").mkdir(parents=True)
     try:
         first = run(_spec(isolated_env, method="zoomethod", profile="tiny", limit=4, resume=True))
-        (root / "manifest.json").write_text(json.dumps(
-            {"models": {"vit": {"recipe": "abc", "seed": 0, "built_at": "2026-11-21T21:00:00"}}}))
+        for f in ("config.json", "model.safetensors"):  # a vit built with the current recipe: its content hash
+            (root / "backbones" / "vit" / f).write_text("{}")
+        (root / "manifest.json").write_text(json.dumps({"scale": "tiny", "models": {"vit": {
+            "recipe": recipe("tiny", "vit"), "seed": 0, "fingerprint": "2026112121000000"}}}))
         second = run(_spec(isolated_env, method="zoomethod", profile="tiny", limit=4, resume=True))
         again = run(_spec(isolated_env, method="zoomethod", profile="tiny", limit=4, resume=True))
     finally:
         METHODS._entries.pop("zoomethod", None)
     assert first.run_dir != second.run_dir and second.run_dir == again.run_dir
-    assert "2026-11-21T21:00:00" in (second.run_dir / "config.yaml").read_text()
+    assert "2026112121000000" in (second.run_dir / "config.yaml").read_text()
 
 
 def test_checkpoint_runs_apply_set_overrides(isolated_env):
