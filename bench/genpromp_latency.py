@@ -90,7 +90,7 @@ def main(argv=None) -> dict:
     import torch
 
     from wsolbench.config import load_method_config
-    from wsolbench.methods.genpromp import GenPromp, ModelClassifier
+    from wsolbench.methods.genpromp.method import GenPromp, ModelClassifier
 
     if args.device == "auto":
         if not torch.cuda.is_available():

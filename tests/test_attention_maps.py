@@ -6,7 +6,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from wsolbench.attention_maps import (AttentionRecorder, EarlyStop, level_size, one_hot_tokens,  # noqa: E402
+from wsolbench.maps.cross_attention import (AttentionRecorder, EarlyStop, level_size, one_hot_tokens,  # noqa: E402
                                       select_layers, unet_attention_layers)
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from wsolbench.datasets.base import Sample, WSOLDataset
 from wsolbench.datasets.synthetic import CLASS_NAMES, render_scene
 from wsolbench.localizer import InputError
-from wsolbench.methods.cam import (CAM, MissingWeightsError, build_cam_net, load_imagenet, recipe_config,
+from wsolbench.methods.cam.method import (CAM, MissingWeightsError, build_cam_net, load_imagenet, recipe_config,
                                    resolve_imagenet_weights)
 
 SMALL = {"backbone": "tiny", "pretrained": None, "input_size": 64, "head_channels": 16,
@@ -247,7 +247,7 @@ def test_ilsvrc_resnet50_keeps_the_imagenet_classifier(tmp_path):
 def test_every_backbone_dataset_recipe_resolves_with_its_sources(backbone, dataset):
     """Each recipe file sets its backbone, states a source for each value, and sits between the dataset overlay
     and the user's --set."""
-    from wsolbench.methods.cam import recipe_file
+    from wsolbench.methods.cam.method import recipe_file
 
     cfg = recipe_config(backbone, dataset, ["train.seed=3"])
     assert cfg["backbone"] == backbone and cfg["train"]["seed"] == 3

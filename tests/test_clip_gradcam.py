@@ -1,4 +1,4 @@
-"""CLIP-ES-style Grad-CAM (wsolbench.clip_gradcam) on the random-init micro zoo CLIP."""
+"""CLIP-ES-style Grad-CAM (wsolbench.maps.clip_gradcam) on the random-init micro zoo CLIP."""
 from __future__ import annotations
 
 import copy
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wsolbench.clip_gradcam import (ClipGradCAM, native_size_batch, patch_mean_features, prompt_embeddings,
+from wsolbench.maps.clip_gradcam import (ClipGradCAM, native_size_batch, patch_mean_features, prompt_embeddings,
                                     readable_class_name)
 
 NAMES = ["star", "heart", "ring", "cross"]

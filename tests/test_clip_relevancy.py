@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 
-from wsolbench.clip_relevancy import record_attention, relevancy  # noqa: E402
+from wsolbench.maps.clip_relevancy import record_attention, relevancy  # noqa: E402
 
 D = 8  # width = embedding dim
 

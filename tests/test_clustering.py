@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from wsolbench.clustering import closest_to_centroid, community_detection
+from wsolbench.maps.clustering import closest_to_centroid, community_detection
 
 
 def _near(v, rng, eps=0.02):

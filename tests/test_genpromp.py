@@ -10,11 +10,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from wsolbench.attention_maps import AttentionLayer  # noqa: E402
+from wsolbench.maps.cross_attention import AttentionLayer  # noqa: E402
 from wsolbench.config import load_method_config  # noqa: E402
 from wsolbench.localizer import Capability, ImageMeta  # noqa: E402
 
-gp = importlib.import_module("wsolbench.methods.genpromp")
+gp = importlib.import_module("wsolbench.methods.genpromp.method")
 CLASSES = ["star", "heart", "ring"]
 MICRO_GROUPS = [{"places": ["down", "mid", "up"], "levels": [1]}, {"places": ["up"], "levels": [0]},
                 {"places": ["down"], "levels": [0]}]
@@ -304,7 +304,7 @@ def test_paper_groups_on_the_full_size_sd14_unet():
 
     from diffusers import UNet2DConditionModel
 
-    from wsolbench.attention_maps import level_size, unet_attention_layers
+    from wsolbench.maps.cross_attention import level_size, unet_attention_layers
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     try:

@@ -25,7 +25,7 @@ def _sibling(name: str):
     return module
 
 
-gp = importlib.import_module("wsolbench.methods.genpromp")
+gp = importlib.import_module("wsolbench.methods.genpromp.method")
 micro = _sibling("test_genpromp")
 ListDataset, micro_components, micro_config, make_method = (micro.ListDataset, micro.micro_components,
                                                             micro.micro_config, micro.make_method)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from wsolbench.gradcam import GradCAM, grad_cam, tokens_to_map
+from wsolbench.maps.gradcam import GradCAM, grad_cam, tokens_to_map
 
 
 def _gap_net():

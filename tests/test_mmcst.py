@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from wsolbench.localizer import InputError
-from wsolbench.methods.mmcst import (MMCST, adapt_vit_state_dict, contrastive_loss, group_attention_mask,
+from wsolbench.methods.mmcst.method import (MMCST, adapt_vit_state_dict, contrastive_loss, group_attention_mask,
                                      gwrp, interpolate_pos_dino, masked_block_forward, pool_scores, scaled_lr)
 
 CLASSES = ["star", "heart", "ring"]
@@ -394,7 +394,7 @@ def test_registered_and_runs_through_the_harness(isolated_env, dataset, metric):
 
 
 def test_sample_average_precision_by_hand():
-    from wsolbench.methods.mmcst import sample_average_precision
+    from wsolbench.methods.mmcst.method import sample_average_precision
 
     # ranks: TP (P 1, R .5), FP, TP (P 2/3, R 1) -> .5·1 + .5·2/3
     assert sample_average_precision(np.array([1, 0, 1, 0]), np.array([.9, .8, .7, .1])) == pytest.approx(5 / 6)

@@ -9,7 +9,7 @@ from torch import nn
 
 from wsolbench.checkpoint import CheckpointError, load_exact, load_foreign_method, partial_names
 from wsolbench.localizer import Localizer
-from wsolbench.methods.mmcst import MMCST, adapt_vit_state_dict
+from wsolbench.methods.mmcst.method import MMCST, adapt_vit_state_dict
 
 
 def _net() -> nn.Module:

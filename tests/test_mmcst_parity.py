@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from wsolbench.config import load_method_config
-from wsolbench.methods.mmcst import MMCST, mctformer_inputs
+from wsolbench.methods.mmcst.method import MMCST, mctformer_inputs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -25,7 +25,7 @@ MICRO = (
 def test_paper_profile_trains_on_train_aug_and_scores_train_at_native_size(isolated_env, monkeypatch):
     from wsolbench.datasets.synthetic import make_synthetic
     from wsolbench.harness import RunSpec, run
-    from wsolbench.methods import mmcst
+    from wsolbench.methods.mmcst import method as mmcst
 
     root = make_synthetic("voc", isolated_env / "voc", counts={"train": 5, "val": 2, "aug": 3, "test": 1})
     fitted, passes = [], []

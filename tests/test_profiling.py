@@ -60,7 +60,7 @@ def test_count_parameters_dedups_shared_tensors():
 
 
 def test_methods_without_modules_and_bad_args():
-    from wsolbench.methods.baselines import CenterPrior
+    from wsolbench.methods.baselines.method import CenterPrior
 
     r = profile_method(CenterPrior(), input_size=32, n_images=2, device="cpu", warmup=0)
     assert r["params_total"] == 0 and r["params_inference"] == 0 and r["method"] == "center"

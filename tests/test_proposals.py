@@ -6,7 +6,7 @@ import pytest
 
 cv2 = pytest.importorskip("cv2")
 
-from wsolbench.proposals import area_filter, clip_boxes, grid_boxes, selective_search, wwbl_proposals  # noqa: E402
+from wsolbench.maps.proposals import area_filter, clip_boxes, grid_boxes, selective_search, wwbl_proposals  # noqa: E402
 
 
 def _scene(size=96):

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import wsolbench.methods.tedloc as T
+import wsolbench.methods.tedloc.method as T
 from wsolbench.datasets.base import Sample, WSOLDataset
 from wsolbench.config import load_method_config
 
@@ -260,7 +260,7 @@ def test_inference_needs_no_labels_and_save_load_needs_no_text_encoder(method, t
 
 
 def test_fit_caches_pseudo_labels_and_resumes(isolated_env, monkeypatch):
-    from wsolbench.clip_gradcam import ClipGradCAM
+    from wsolbench.maps.clip_gradcam import ClipGradCAM
 
     data = _Scenes(isolated_env / "scenes", n=8)
     torch.manual_seed(0)
@@ -400,7 +400,7 @@ def test_paper_architecture_loads_a_448_checkpoint_at_224(isolated_env):
 def test_background_words_that_name_a_class_are_removed_on_real_imagenet_names():
     """CLIP-ES's VOC list on ILSVRC: words inside class names or synonyms ("computer keyboard", "crash helmet",
     "street sign", "suspension bridge", "valley, vale", "lakeside", "seashore") go, the others stay."""
-    from wsolbench.clip_gradcam import CLIP_ES_BACKGROUND, filter_background_words
+    from wsolbench.maps.clip_gradcam import CLIP_ES_BACKGROUND, filter_background_words
     from wsolbench.datasets.ilsvrc import timm_imagenet_mapping
 
     mapping = timm_imagenet_mapping()

@@ -16,7 +16,7 @@ from PIL import Image  # noqa: E402
 
 from wsolbench.datasets.base import Phrase, Sample, WSOLDataset  # noqa: E402
 
-wwbl = pytest.importorskip("wsolbench.methods.wwbl")
+wwbl = pytest.importorskip("wsolbench.methods.wwbl.method")
 
 
 # ------------------------------------------------------------------------------------------------ helpers

@@ -81,7 +81,9 @@ def test_a_wrong_file_is_named_in_one_line(micro_clip, tmp_path):
 def test_every_method_loads_openai_clip_through_the_one_loader(monkeypatch, tmp_path):
     """WWbL's paper profile, TeD-Loc's and MMCST's configs ask ``weights.load_open_clip`` for their CLIP."""
     from wsolbench.config import load_method_config
-    from wsolbench.methods import mmcst, tedloc, wwbl
+    from wsolbench.methods.mmcst import method as mmcst
+    from wsolbench.methods.tedloc import method as tedloc
+    from wsolbench.methods.wwbl import method as wwbl
 
     calls = []
 

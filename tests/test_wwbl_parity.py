@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from wsolbench.config import load_method_config
-from wsolbench.methods import wwbl
+from wsolbench.methods.wwbl import method as wwbl
 
 
 @pytest.fixture(scope="module")

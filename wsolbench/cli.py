@@ -189,7 +189,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 def cmd_config_show(args: argparse.Namespace) -> int:
     """Print the resolved method and harness config, each value with the file (or --set) it came from."""
-    from .config import config_dir, resolve_harness_config, resolve_method_config, show_value, split_overrides, value_at
+    from .config import config_dir, method_config_dir, resolve_harness_config, resolve_method_config, show_value, split_overrides, value_at
     from .registry import DATASETS, METHODS
 
     method = METHODS.canonical(args.method)
@@ -203,7 +203,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     rows = [(key, show_value(value_at(cfg, key)), src) for key, src in sources.items()]
     rows += [(f"harness.{key}", show_value(value_at(hcfg, key)), src) for key, src in hsources.items()]
     print(f"# {method}, {args.profile} profile" + (f", dataset {args.dataset}" if args.dataset else "")
-          + f"; files in {config_dir()}")
+          + f"; files in {method_config_dir(method)} and {config_dir()}")
     width = min(max(len(k) + len(v) for k, v, _ in rows) + 2, 72)
     for key, value, src in rows:
         print(f"{key}: {value}".ljust(width) + f"  # {src}")

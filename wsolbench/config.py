@@ -1,11 +1,12 @@
 """YAML configs: paper defaults per method, per-(method, dataset) and tiny-profile overlays, dotted overrides.
 
-Resolution for ``load_method_config("tedloc", profile="tiny", dataset_key="cub")``::
+A method's YAML files live in its package, ``<package>/configs/`` (:func:`method_config_dir`); the harness's
+in ``wsolbench/configs/``. Resolution for ``load_method_config("tedloc", profile="tiny", dataset_key="cub")``::
 
-    configs/tedloc.yaml            paper profile; its key tree is the schema (every valid key appears here)
-    ← configs/tedloc_cub.yaml      where the paper recipe differs per dataset (optional)
-    ← configs/tedloc_tiny.yaml     the tiny profile (CPU, zoo models)
-    ← configs/tedloc_tiny_cub.yaml (optional)
+    tedloc.yaml            paper profile; its key tree is the schema (every valid key appears here)
+    ← tedloc_cub.yaml      where the paper recipe differs per dataset (optional)
+    ← tedloc_tiny.yaml     the tiny profile (CPU, zoo models)
+    ← tedloc_tiny_cub.yaml (optional)
     ← --set a.b=c overrides        values parsed as YAML scalars
 
 Any file may name one ``_base_`` file (one level) that it overlays. Unknown keys are rejected with the list
@@ -30,7 +31,23 @@ class ConfigError(ValueError):
 
 
 def config_dir() -> Path:
+    """``wsolbench/configs/``: the harness's settings (``harness.yaml``)."""
     return Path(str(resources.files("wsolbench.configs")))
+
+
+def method_config_dir(method: str) -> Path:
+    """``configs/`` beside the module that defines ``method`` (for a built-in: ``wsolbench/methods/<pkg>/configs``)."""
+    from .registry import METHODS, RegistryError
+
+    try:
+        return METHODS.home(method) / "configs"
+    except RegistryError as exc:
+        raise ConfigError(f"no config for method {method!r}: {exc}") from exc
+
+
+def method_schema(method: str) -> dict:
+    """``<method>.yaml``: the paper profile, whose key tree (and value types) is the method's config schema."""
+    return read_yaml(method_config_dir(method) / f"{method}.yaml")
 
 
 def read_yaml(path: str | Path, *, allow_base: bool = True) -> dict:
@@ -51,8 +68,6 @@ def read_yaml(path: str | Path, *, allow_base: bool = True) -> dict:
     if not allow_base:
         raise ConfigError(f"{path}: '_base_' is allowed one level deep only (its base has a base too)")
     base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
-    if not base_path.exists() and (config_dir() / base).exists():
-        base_path = config_dir() / base
     return merge(read_yaml(base_path, allow_base=False), data, schema=None, where=str(path))
 
 
@@ -183,7 +198,7 @@ def method_config_files(method: str, profile: str, dataset_key: str | None) -> l
     """The existing YAML files that make up ``method``'s config, in merge order."""
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
-    root = config_dir()
+    root = method_config_dir(method)
     names = [f"{method}.yaml"]
     if dataset_key:
         names.append(f"{method}_{dataset_key}.yaml")
@@ -214,6 +229,7 @@ def resolve_method_config(method: str, profile: str = "paper", dataset_key: str 
     for f in files[1:] + ([Path(extra_file)] if extra_file else []):
         layer = read_yaml(f)
         cfg = merge(cfg, layer, schema=schema, where=str(f))
+        check_types(schema, layer, str(f))
         sources.update(dict.fromkeys(leaf_keys(layer), f.name))
     if overrides:
         cfg = apply_overrides(cfg, overrides, schema)
@@ -221,6 +237,16 @@ def resolve_method_config(method: str, profile: str = "paper", dataset_key: str 
     cfg["profile"] = profile
     sources["profile"] = "--profile"
     return cfg, sources
+
+
+def with_defaults(method: str, config: Mapping | None) -> dict:
+    """``config`` (a resolved config, or a partial one from a notebook or test) completed from the method's
+    schema YAML, the one source of defaults; its keys and value types are checked against that schema."""
+    schema = method_schema(method)
+    partial = dict(config or {})
+    out = merge(schema, partial, schema=schema, where=f"{method} config")
+    check_types(schema, partial, f"{method} config")
+    return out
 
 
 def apply_overrides(cfg: Mapping, overrides: Mapping[str, Any] | Iterable[str], schema: Mapping,

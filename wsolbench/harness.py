@@ -809,7 +809,7 @@ def checkpoint_config(method: str, checkpoint: Path, overrides: Sequence[str]) -
     """The config saved with ``checkpoint``, with ``overrides`` (``--set``) merged on top and checked against
     the method's keys: evaluating a trained checkpoint under another inference setting (an ablation)."""
     from .checkpoint import read_saved_meta
-    from .config import apply_overrides, config_dir, read_yaml
+    from .config import apply_overrides, method_schema
 
     try:
         saved = read_saved_meta(Path(checkpoint), method)["config"]
@@ -817,8 +817,7 @@ def checkpoint_config(method: str, checkpoint: Path, overrides: Sequence[str]) -
         raise HarnessError(str(exc)) from exc
     if not overrides:
         return saved
-    schema = read_yaml(config_dir() / f"{method}.yaml")
-    return apply_overrides(saved, overrides, schema)
+    return apply_overrides(saved, overrides, method_schema(method))
 
 
 def _data_root(dataset: Any) -> str | None:

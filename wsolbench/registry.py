@@ -4,13 +4,20 @@ Entries are either classes (registered with a decorator) or lazy ``"module:Attr"
 ``import wsolbench`` imports nothing heavy: a method's module (and torch, diffusers, ...) is imported only
 when that method is created. Third-party packages add entries through the entry-point groups
 ``wsolbench.methods`` and ``wsolbench.datasets``.
+
+A built-in method registers itself with one ``@register_method(name, aliases=...)`` decorator in its package
+``wsolbench/methods/<package>/``. The registry finds those decorators by reading the package's source
+(:func:`discover_methods`), not by importing it, so naming, listing or misspelling a method imports no torch.
 """
 from __future__ import annotations
 
+import ast
 import difflib
 import importlib
 import importlib.metadata
+import importlib.util
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
 T = TypeVar("T")
@@ -29,6 +36,7 @@ class _Entry:
     target: Any  # a class/callable, or a "module:attr" string resolved on first use
     aliases: tuple[str, ...] = ()
     source: str = "builtin"
+    home: Path | None = None  # the folder of the module that defines it (its YAML configs are in home/configs)
 
     def resolve(self) -> Any:
         if isinstance(self.target, str):
@@ -46,15 +54,16 @@ class Registry:
 
     kind: str  # "method" or "dataset"
     entry_point_group: str
-    builtins: dict[str, str] = field(default_factory=dict)  # name -> "module:Class", imported lazily
-    # name -> its aliases, known without importing the module (the class's decorator names the same ones:
-    # tests/test_cli.py checks), so that resolving any name imports nothing
+    # name -> "module:Class", imported lazily, and name -> its aliases (known without importing the module)
+    builtins: dict[str, str] = field(default_factory=dict)
     builtin_aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    discover: Callable[[], list[tuple[str, str, tuple[str, ...], Path]]] | None = None  # more lazy builtins
     _entries: dict[str, _Entry] = field(default_factory=dict)
     _aliases: dict[str, str] = field(default_factory=dict)
     _plugins_loaded: bool = False
 
-    def register(self, name: str, target: Any, aliases: Iterable[str] = (), source: str = "builtin") -> None:
+    def register(self, name: str, target: Any, aliases: Iterable[str] = (), source: str = "builtin",
+                 home: Path | None = None) -> None:
         """Add ``name`` (and its aliases); a name already taken by another target is an error."""
         key = name.lower()
         existing = self._entries.get(key)
@@ -68,7 +77,8 @@ class Registry:
             owner = self._aliases.get(alias) or (alias if alias in self._entries and alias != key else None)
             if owner is not None and owner != key:
                 raise RegistryError(f"{self.kind} alias {alias!r} of {name!r} is already taken by {owner!r}")
-        self._entries[key] = _Entry(key, target, aliases, source)
+        home = home or (existing.home if existing is not None else None)
+        self._entries[key] = _Entry(key, target, aliases, source, home)
         for alias in aliases:
             self._aliases[alias] = key
 
@@ -84,10 +94,10 @@ class Registry:
         if self._plugins_loaded:
             return
         self._plugins_loaded = True
-        for name, target in self.builtins.items():
+        found = [(n, t, self.builtin_aliases.get(n, ()), None) for n, t in self.builtins.items()]
+        for name, target, aliases, home in found + (self.discover() if self.discover else []):
             if name not in self._entries:
-                aliases = self.builtin_aliases.get(name, ())
-                self._entries[name] = _Entry(name, target, aliases)
+                self._entries[name] = _Entry(name, target, tuple(aliases), "builtin", home)
                 self._aliases.update((alias, name) for alias in aliases)
         for ep in importlib.metadata.entry_points(group=self.entry_point_group):
             self.register(ep.name, ep.value, source=f"entry point of {ep.dist.name if ep.dist else '?'}")
@@ -124,6 +134,29 @@ class Registry:
     def get(self, name: str) -> Any:
         return self._entries[self.canonical(name)].resolve()
 
+    def by_class_name(self, class_name: str) -> Any:
+        """The registered class whose class name is ``class_name`` (imports only that one), else None."""
+        self._load_builtins_and_plugins()
+        for entry in self._entries.values():
+            if _describe(entry.target).rpartition(":")[2].rpartition(".")[2] == class_name:
+                return entry.resolve()
+        return None
+
+    def home(self, name: str) -> Path:
+        """The folder of the module defining ``name`` (a method's YAML configs live in its ``configs/``)."""
+        entry = self._entries[self.canonical(name)]
+        if entry.home is None:
+            if isinstance(entry.target, str):  # find the module's file without importing the module itself
+                spec = importlib.util.find_spec(entry.target.partition(":")[0])
+                entry.home = Path(spec.origin).parent if spec and spec.origin else None
+            else:
+                import inspect
+
+                entry.home = Path(inspect.getfile(entry.target)).parent
+        if entry.home is None:
+            raise RegistryError(f"cannot locate the module of {self.kind} {name!r} ({_describe(entry.target)})")
+        return entry.home
+
 
 def _same_target(a: Any, b: Any) -> bool:
     return a is b or _describe(a) == _describe(b)
@@ -135,20 +168,34 @@ def _describe(target: Any) -> str:
     return f"{target.__module__}:{target.__qualname__}"
 
 
-METHODS = Registry(
-    "method",
-    "wsolbench.methods",
-    builtins={
-        "center": "wsolbench.methods.baselines:CenterPrior",
-        "random": "wsolbench.methods.baselines:RandomMap",
-        "cam": "wsolbench.methods.cam:CAM",
-        "tedloc": "wsolbench.methods.tedloc:TeDLoc",
-        "wwbl": "wsolbench.methods.wwbl:WWbL",
-        "mmcst": "wsolbench.methods.mmcst:MMCST",
-        "genpromp": "wsolbench.methods.genpromp:GenPromp",
-    },
-    builtin_aliases={"center": ("center-gaussian",), "tedloc": ("ted-loc",)},
-)
+def discover_methods() -> list[tuple[str, str, tuple[str, ...], Path]]:
+    """(name, "module:Class", aliases, folder) of every ``@register_method`` in ``wsolbench/methods/*/``,
+    read from the source with :mod:`ast` (no import); the decorator's arguments must be literals."""
+    spec = importlib.util.find_spec("wsolbench.methods")
+    found = []
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        for package in sorted(p for p in Path(root).iterdir() if (p / "__init__.py").is_file()):
+            for path in sorted(package.glob("*.py")):
+                module = f"wsolbench.methods.{package.name}" + ("" if path.stem == "__init__" else f".{path.stem}")
+                found += [(name, f"{module}:{cls}", aliases, package)
+                          for cls, name, aliases in _decorated_classes(path, "register_method")]
+    return found
+
+
+def _decorated_classes(path: Path, decorator: str) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(class name, registered name, aliases) of the top-level classes of ``path`` decorated ``@decorator(...)``."""
+    out = []
+    for node in ast.parse(path.read_text(encoding="utf-8"), str(path)).body:
+        for dec in getattr(node, "decorator_list", []) if isinstance(node, ast.ClassDef) else []:
+            if isinstance(dec, ast.Call) and getattr(dec.func, "id", None) == decorator:
+                kwargs = {k.arg: ast.literal_eval(k.value) for k in dec.keywords}
+                args = [ast.literal_eval(a) for a in dec.args]
+                out.append((node.name, args[0].lower(), tuple(a.lower() for a in
+                                                              (args[1] if len(args) > 1 else kwargs.get("aliases", ())))))
+    return out
+
+
+METHODS = Registry("method", "wsolbench.methods", discover=discover_methods)
 DATASETS = Registry("dataset", "wsolbench.datasets", builtins={
     "cub": "wsolbench.datasets.cub:CUB200",
     "ilsvrc": "wsolbench.datasets.ilsvrc:ILSVRC",

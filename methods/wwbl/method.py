@@ -4,7 +4,7 @@ A network g maps an image (and, in text mode, a CLIP text embedding) to a [0, 1]
 CLIP as the only supervision:
 
 - L_fore = −CLIP(g∘I, t), L_back = CLIP((1−g)∘I, t) (cosine of CLIP image/text embeddings),
-- L_rmap = ||H − g||² with H the CLIP relevancy map of (I, t) (Chefer et al.; ``wsolbench.clip_relevancy``),
+- L_rmap = ||H − g||² with H the CLIP relevancy map of (I, t) (Chefer et al.; ``wsolbench.maps.clip_relevancy``),
 - L_reg = ||g|| (mean of the map).
   The default ``recipe: official`` is the authors' code (what produced the published numbers): 0.25·mean(1 −
   Z_fg·Z_tᵀ) + 0.25·mean(M) + 16·MSE(M, R) + 0.5·mean|Z_bg·Z_tᵀ| over the full B×B batch matrices, R from the
@@ -281,7 +281,7 @@ class ClipTeacher:
     relevancy maps. Images come in as B×3×H×W in [0, 1]."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, mean: Sequence[float], std: Sequence[float]) -> None:
-        from wsolbench.clip_relevancy import image_size_of
+        from wsolbench.maps.clip_relevancy import image_size_of
 
         self.model = model.eval()
         for p in self.model.parameters():
@@ -323,7 +323,7 @@ class ClipTeacher:
 
     def relevancy(self, images01: torch.Tensor, z_text: torch.Tensor, mode: str,
                   out_size: tuple[int, int]) -> torch.Tensor:
-        from wsolbench.clip_relevancy import relevancy
+        from wsolbench.maps.clip_relevancy import relevancy
 
         rel = relevancy(self.model, self.prepare(images01), z_text, mode=mode, out_size=self.size)
         if tuple(out_size) != tuple(self.size):
@@ -493,9 +493,9 @@ class TextImageDataset(torch.utils.data.Dataset):
 
 # ============================================================================================ the method
 def default_config() -> dict:
-    from wsolbench.config import config_dir, read_yaml
+    from wsolbench.config import method_schema
 
-    return read_yaml(config_dir() / "wwbl.yaml")
+    return method_schema("wwbl")
 
 
 def apply_recipe(cfg: dict) -> dict:
@@ -708,8 +708,8 @@ class WWbL(Localizer):
         Results are cached per image content (the harness asks once per phrase)."""
         from PIL import Image
 
-        from wsolbench.clustering import closest_to_centroid, community_detection
-        from wsolbench.proposals import wwbl_proposals
+        from wsolbench.maps.clustering import closest_to_centroid, community_detection
+        from wsolbench.maps.proposals import wwbl_proposals
 
         pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
         pil = pil.convert("RGB")

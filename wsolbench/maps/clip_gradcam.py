@@ -13,7 +13,7 @@ What CLIP-ES does, and what this module reproduces on any open_clip ``VisionTran
   spatial mean of the gradient, map = ReLU(Σ_c w_c A_c), then min-max normalised per image.
 
 Images of any size work: the positional embedding is interpolated (bicubic) to the token grid.
-The Grad-CAM machinery itself is ``wsolbench.gradcam.grad_cam``.
+The Grad-CAM machinery itself is ``wsolbench.maps.gradcam.grad_cam``.
 """
 from __future__ import annotations
 
@@ -146,7 +146,7 @@ def native_size_batch(image: Any, clip_model: nn.Module, mean: Sequence[float] =
                       std: Sequence[float] = OPENAI_STD) -> torch.Tensor:
     """CLIP-ES input: ONE image at its own size rounded UP to a multiple of the patch size (bicubic),
     normalised → 1×3×H×W."""
-    from .imaging import to_float_chw
+    from ..imaging import to_float_chw
 
     x = to_float_chw(image)
     ph, pw = patch_size(clip_model)
@@ -238,7 +238,7 @@ class ClipGradCAM:
                 raise TypeError("normalized=True expects a B×3×H×W tensor already normalised with the CLIP "
                                 f"mean/std, got {type(images).__name__}")
             return images.to(self.device)
-        from .imaging import to_batch
+        from ..imaging import to_batch
 
         return to_batch(images, self.input_size, self.mean, self.std).to(self.device)
 

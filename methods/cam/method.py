@@ -392,9 +392,9 @@ def read_wsolevaluation_checkpoint(path: str | Path) -> tuple[str, dict[str, tor
 
 # ----------------------------------------------------------------------------------------------- method
 def _default_config() -> dict:
-    from wsolbench.config import config_dir, read_yaml
+    from wsolbench.config import method_schema
 
-    return read_yaml(config_dir() / "cam.yaml")
+    return method_schema("cam")
 
 
 @register_method("cam")
@@ -650,7 +650,7 @@ class CAM(Localizer):
         if self.variant == "cam":
             maps = net.cams(feats, idx)
         else:
-            from wsolbench.gradcam import grad_cam
+            from wsolbench.maps.gradcam import grad_cam
 
             layer = self.config.get("gradcam_layer") or "cam_layer"
             maps, _ = grad_cam(net, layer, x, targets=queries)
@@ -666,9 +666,9 @@ RECIPE_DATASETS = ("cub", "ilsvrc", "openimages")
 
 def recipe_file(backbone: str, dataset: str) -> Path:
     """``configs/cam_<backbone>_<dataset>.yaml``: the wsolevaluation recipe of one backbone on one dataset."""
-    from wsolbench.config import config_dir
+    from wsolbench.config import method_config_dir
 
-    path = config_dir() / f"cam_{backbone}_{dataset}.yaml"
+    path = method_config_dir("cam") / f"cam_{backbone}_{dataset}.yaml"
     if not path.is_file():
         raise ValueError(f"no CAM recipe {path.name}: recipes exist for backbones {', '.join(WEIGHT_NAMES)} on "
                          f"{', '.join(RECIPE_DATASETS)}")

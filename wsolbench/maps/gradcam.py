@@ -133,7 +133,7 @@ def grad_cam(model: nn.Module, layer: nn.Module | str, inputs: Any,
             a, g = (reshape(act), reshape(grad)) if reshape is not None else (act, grad)
             if a.ndim != 4:
                 raise ValueError(f"activation has shape {tuple(act.shape)}; pass reshape= to turn it into B×D×h×w "
-                                 "(e.g. wsolbench.gradcam.tokens_to_map)")
+                                 "(e.g. wsolbench.maps.gradcam.tokens_to_map)")
             maps.append(cam_from_gradients(a.detach().float(), g.detach().float(), relu=relu))
     return torch.stack(maps, dim=1), output
 

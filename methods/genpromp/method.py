@@ -30,7 +30,7 @@ official pipeline) -> one VAE sample x scaling factor = z_0; one Gaussian noise 
 timesteps (``draws``: a hook that supplies z_0 / the VAE draw and the noise instead, e.g. the official run's);
 z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps; ONE U-Net forward over the batch of (query, timestep)
 pairs conditioned on the query's prompt embedding; cross-attention probabilities (explicit softmax in the
-U-Net's dtype or float32, ``inference.softmax_dtype``; ``wsolbench.attention_maps``) recorded only at the
+U-Net's dtype or float32, ``inference.softmax_dtype``; ``wsolbench.maps.cross_attention``) recorded only at the
 configured layers, at the class token's position (index 5 of "<bos> a photo of a X"), averaged over heads.
 
 TIMESTEP INDEXING: ``inference.timesteps`` are diffusers scheduler indices, 0-based (t = 0..999, the
@@ -70,7 +70,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsolbench.attention_maps import (AttentionLayer, AttentionRecorder, select_layers, unet_attention_layers)
+from wsolbench.maps.cross_attention import (AttentionLayer, AttentionRecorder, select_layers, unet_attention_layers)
 from wsolbench.imaging import as_image_list, to_float_chw
 from wsolbench.localizer import Capability, ImageMeta, InputError, Localizer, LocalizerOutput
 from wsolbench.registry import register_method

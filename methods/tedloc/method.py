@@ -21,7 +21,7 @@ Model (``TeDLocHead`` on a frozen encoder)
     f(v, t_k) = logit_scale · <v, t_k>.
 
 Pseudo-labels (computed once per training image, cached)
-    CLIP-ES Grad-CAM (``wsolbench.clip_gradcam``) of the ground-truth class with ``pseudo_labels.prompt`` and
+    CLIP-ES Grad-CAM (``wsolbench.maps.clip_gradcam``) of the ground-truth class with ``pseudo_labels.prompt`` and
     ``pseudo_labels.background_words`` (less the words that name a class or one of its synonyms, as CLIP-ES
     keeps one list per dataset) at the CLIP token grid, min-max normalised, stored as float16 .npy per
     image under ``<root>/<hash of the CLIP/prompt settings>/``, atomically. At every step, on the augmented
@@ -687,7 +687,7 @@ class TeDLoc(Localizer):
 
     # ---------------------------------------------------------------- anchors
     def build_anchors(self, clip_model: nn.Module, tokenizer: Any) -> torch.Tensor:
-        from wsolbench.clip_gradcam import prompt_embeddings, readable_class_name
+        from wsolbench.maps.clip_gradcam import prompt_embeddings, readable_class_name
 
         a = _deep_get(self.config, "anchors")
         names = [readable_class_name(n) if a.get("readable_names", True) else str(n) for n in self.class_names]
@@ -705,7 +705,7 @@ class TeDLoc(Localizer):
         """(used, removed) CLIP-ES background words: with ``pseudo_labels.background_filter: classes`` the
         configured words that name a class (its name or, once ``fit`` saw the dataset's ``class_synonyms``,
         any synonym) are removed, as CLIP-ES does per dataset."""
-        from wsolbench.clip_gradcam import filter_background_words
+        from wsolbench.maps.clip_gradcam import filter_background_words
 
         p = _deep_get(self.config, "pseudo_labels")
         words = [str(w) for w in (p.get("background_words") or [])]
@@ -717,7 +717,7 @@ class TeDLoc(Localizer):
         return filter_background_words(words, self.class_names, self._class_synonyms)
 
     def _gradcam(self, clip_model: nn.Module, tokenizer: Any):
-        from wsolbench.clip_gradcam import ClipGradCAM
+        from wsolbench.maps.clip_gradcam import ClipGradCAM
 
         p = _deep_get(self.config, "pseudo_labels")
         return ClipGradCAM(clip_model, tokenizer, self.class_names, prompt=p.get("prompt") or "a clean origami {}.",
@@ -786,7 +786,7 @@ class TeDLoc(Localizer):
 
     @staticmethod
     def _clip_native_batch(gradcam: Any, image: Any) -> torch.Tensor:
-        from wsolbench.clip_gradcam import native_size_batch
+        from wsolbench.maps.clip_gradcam import native_size_batch
 
         return native_size_batch(image, gradcam.model, gradcam.mean, gradcam.std).to(gradcam.device)
 

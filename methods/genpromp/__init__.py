@@ -1,0 +1,5 @@
+"""GenPromp (Zhao et al., ICCV 2023): `wsolbench.methods.genpromp.method`; configs in configs/.
+
+Kept import-free: the registry reads the `@register_method` decorator without importing torch (see
+:func:`wsolbench.registry.discover_methods`); the code is in the modules beside this file.
+"""
