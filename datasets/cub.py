@@ -26,6 +26,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from wsolbench.classnames import class_text
 from wsolbench.registry import register_dataset
 
 from . import wsol_metadata as wm
@@ -35,12 +36,6 @@ LAYOUT_HELP = ("CUB_200_2011 original release (images.txt, image_class_labels.tx
                "bounding_boxes.txt, classes.txt, images/<class_dir>/<file>.jpg) or the wsolevaluation layout "
                "(<root>/<class_dir>/<file>.jpg with metadata/CUB/{train,val,test}/image_ids.txt, ...)")
 ORIGINAL_FILES = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt")
-
-
-def pretty_class_name(class_dir: str) -> str:
-    """"001.Black_footed_Albatross" → "Black footed Albatross"."""
-    name = class_dir.split(".", 1)[1] if "." in class_dir and class_dir.split(".", 1)[0].isdigit() else class_dir
-    return name.replace("_", " ")
 
 
 @register_dataset("cub")
@@ -80,7 +75,7 @@ class CUB200(WSOLDataset):
             self._load_original(images_dir)
         else:
             self._load_wsol(metadata_dir, images_dir)
-        self.class_names = [pretty_class_name(d) for d in self.class_dirs]
+        self.class_names = [class_text(d, synonyms="all") for d in self.class_dirs]
         self._attach_segmentations(segmentations_dir)
 
     # ----------------------------------------------------------------------------------------- wsol

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wsolbench.maps.clip_gradcam import (ClipGradCAM, native_size_batch, patch_mean_features, prompt_embeddings,
-                                    readable_class_name)
+from wsolbench.classnames import class_text
+from wsolbench.maps.clip_gradcam import ClipGradCAM, native_size_batch, patch_mean_features, prompt_embeddings
 
 NAMES = ["star", "heart", "ring", "cross"]
 BG = ["ground", "sky", "wall"]
@@ -117,6 +117,6 @@ def test_prompt_embeddings_and_names(micro_clip):
     torch.testing.assert_close(e.norm(dim=1), torch.ones(4))
     with pytest.raises(ValueError, match="placeholder"):
         prompt_embeddings(model, tok, NAMES, ["no slot"])
-    assert readable_class_name("001.Black_footed_Albatross") == "Black footed Albatross"
-    assert readable_class_name("goldfish, Carassius auratus") == "goldfish"
-    assert readable_class_name("star") == "star"
+    assert class_text("001.Black_footed_Albatross") == "Black footed Albatross"
+    assert class_text("goldfish, Carassius auratus") == "goldfish"
+    assert class_text("star") == "star"

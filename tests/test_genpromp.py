@@ -10,6 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
+from wsolbench.classnames import class_text
 from wsolbench.maps.cross_attention import AttentionLayer  # noqa: E402
 from wsolbench.config import load_method_config  # noqa: E402
 from wsolbench.localizer import Capability, ImageMeta  # noqa: E402
@@ -93,7 +94,7 @@ def test_meta_token_rule(method):
     tok = method.tokenizer
     assert gp.select_meta_token("goldfish, Carassius auratus", tok) == "goldfish"
     assert gp.select_meta_token("electric ray, crampfish, numbfish, torpedo", tok) == "ray"
-    assert gp.clean_class_name("001.Black_footed_Albatross") == "Black footed Albatross"
+    assert class_text("001.Black_footed_Albatross", synonyms="all") == "Black footed Albatross"
     assert method.meta_tokens == CLASSES
 
 

@@ -14,6 +14,7 @@ pytest.importorskip("open_clip")
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from wsolbench.classnames import class_text  # noqa: E402
 from wsolbench.datasets.base import Phrase, Sample, WSOLDataset  # noqa: E402
 
 wwbl = pytest.importorskip("wsolbench.methods.wwbl.method")
@@ -414,8 +415,8 @@ def test_save_load_roundtrip(method, tmp_path):
 
 
 def test_class_names_are_cleaned():
-    assert wwbl.clean_class_name("001.Black_footed_Albatross") == "black footed albatross"
-    assert wwbl.clean_class_name("goldfish, Carassius auratus") == "goldfish"
+    assert class_text("001.Black_footed_Albatross", lower=True) == "black footed albatross"
+    assert class_text("goldfish, Carassius auratus", lower=True) == "goldfish"
 
 
 def test_config_files_resolve():

@@ -71,6 +71,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsolbench.maps.cross_attention import (AttentionLayer, AttentionRecorder, select_layers, unet_attention_layers)
+from wsolbench.classnames import class_text
 from wsolbench.imaging import as_image_list, to_float_chw
 from wsolbench.localizer import Capability, ImageMeta, InputError, Localizer, LocalizerOutput
 from wsolbench.registry import register_method
@@ -86,17 +87,11 @@ SYNONYMS_FILE = "class_synonyms.json"
 
 
 # ------------------------------------------------------------------------------------------ prompts
-def clean_class_name(name: str) -> str:
-    """"001.Black_footed_Albatross" -> "Black footed Albatross"; synonyms after commas are kept."""
-    name = re.sub(r"^\s*\d+\.", "", str(name))
-    return name.replace("_", " ").strip()
-
-
 def select_meta_token(class_name: str, tokenizer) -> str:
     """The official meta-token rule (see the module docstring) on one class's full name: all its
     comma-separated synonyms ("hammerhead, hammerhead shark" -> "shark"; its first synonym alone gives the
     BPE piece "head")."""
-    synonyms = [s.strip() for s in clean_class_name(class_name).split(",") if s.strip()]
+    synonyms = [s.strip() for s in class_text(class_name, synonyms="all").split(",") if s.strip()]
     if not synonyms:
         raise ValueError(f"empty class name {class_name!r}")
     words = [s.split(" ")[-1] for s in synonyms]
@@ -419,6 +414,7 @@ class GenPromp(Localizer):
     capabilities = frozenset({Capability.SINGLE, Capability.PHRASE})
     needs_training = True
     tiny_zoo = ("diffusion", "classifier")
+    single_label_training = True  # one concept token per class, trained on the images of that class
 
     def __init__(self, config: dict | None = None, class_names: Sequence[str] | None = None, device: str = "cpu",
                  components: dict | None = None, class_synonyms: Sequence[Sequence[str]] | None = None) -> None:

@@ -554,6 +554,7 @@ class TeDLoc(Localizer):
     capabilities = frozenset({Capability.SINGLE})
     needs_training = True
     tiny_zoo = ("vit", "clip")
+    single_label_training = True  # the decoder's loss and the pseudo-labels take Sample.label
 
     def __init__(self, config: dict | None = None, class_names: Sequence[str] | None = None,
                  device: str = "cpu") -> None:
@@ -687,10 +688,11 @@ class TeDLoc(Localizer):
 
     # ---------------------------------------------------------------- anchors
     def build_anchors(self, clip_model: nn.Module, tokenizer: Any) -> torch.Tensor:
-        from wsolbench.maps.clip_gradcam import prompt_embeddings, readable_class_name
+        from wsolbench.classnames import class_text
+        from wsolbench.maps.clip_gradcam import prompt_embeddings
 
         a = _deep_get(self.config, "anchors")
-        names = [readable_class_name(n) if a.get("readable_names", True) else str(n) for n in self.class_names]
+        names = [class_text(n) if a.get("readable_names", True) else str(n) for n in self.class_names]
         text = prompt_embeddings(clip_model, tokenizer, names, a.get("templates") or ["a photo of a {}."],
                                  device=self.device)
         if text.shape[1] != self.text_dim:

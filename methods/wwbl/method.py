@@ -37,7 +37,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from wsolbench.classnames import class_text
 from wsolbench.localizer import Capability, ImageMeta, InputError, Localizer, LocalizerOutput
 from wsolbench.registry import register_method
 from wsolbench.weights import MissingWeightsError  # noqa: F401 - what the paper profile raises without weights
@@ -439,12 +439,6 @@ def build_g(cfg: dict, text_dim: int) -> nn.Module:
 
 
 # ================================================================================================ data
-def clean_class_name(name: str) -> str:
-    """'001.Black_footed_Albatross' → 'black footed albatross'; 'goldfish, Carassius auratus' → 'goldfish'."""
-    name = re.sub(r"^\d+\.", "", str(name)).split(",")[0]
-    return name.replace("_", " ").strip().lower()
-
-
 def drop_words(text: str, keep_prob: float, rng: np.random.Generator) -> str:
     """Keep each word with probability ``keep_prob`` (the official COCO augmentation); never empty."""
     words = text.split()
@@ -586,7 +580,7 @@ class WWbL(Localizer):
         return self.preprocess(images, size=size or self.input_size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
     def class_text(self, label: int) -> str:
-        name = clean_class_name(self.class_names[label]) if 0 <= label < len(self.class_names) else "object"
+        name = class_text(self.class_names[label], lower=True) if 0 <= label < len(self.class_names) else "object"
         return self.config["class_text"].format(**{"class": name})
 
     def query_text(self, text: str) -> str:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..classnames import class_text
 from .gradcam import grad_cam, tokens_to_map
 
 CLIP_ES_PROMPT = "a clean origami {}."
@@ -35,14 +36,6 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def readable_class_name(name: str) -> str:
-    """A class name as text for CLIP: "001.Black_footed_Albatross" → "Black footed Albatross";
-    "goldfish, Carassius auratus" → "goldfish" (the first synonym); other names unchanged but for "_"."""
-    name = re.sub(r"^\d+[._ ]", "", str(name).strip())
-    name = name.split(",")[0].strip()
-    return name.replace("_", " ").strip() or str(name)
-
-
 # a background word joined to another word of at least this many letters is a compound that names the word's
 # scene ("lakeside", "seashore", "greenhouse"); shorter rests are endings ("rocky", "wallet", "husky")
 COMPOUND_REST = 4
@@ -50,7 +43,7 @@ COMPOUND_REST = 4
 
 def _words(text: str) -> list[str]:
     """Every word of a class name, all its comma-separated synonyms included ("001.Black_footed_Albatross")."""
-    return re.findall(r"[a-z]+", re.sub(r"^\d+[._ ]", "", str(text).strip()).replace("_", " ").lower())
+    return re.findall(r"[a-z]+", class_text(text, synonyms="all").lower())
 
 
 def collides(word: str, name_words: set[str]) -> bool:
@@ -217,7 +210,7 @@ class ClipGradCAM:
             p.requires_grad_(False)
         self.visual = _visual(self.model)
         self.device = torch.device(device)
-        self.class_names = [readable_class_name(n) if readable_names else str(n) for n in class_names]
+        self.class_names = [class_text(n) if readable_names else str(n) for n in class_names]
         self.background_words = list(background_words)
         native = _pair(getattr(self.visual, "image_size", 224))
         self.input_size = int(input_size) if input_size else native[0]
