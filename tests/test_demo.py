@@ -6,6 +6,7 @@ import pytest
 
 import wsolbench.registry as registry
 from wsolbench import demo, zoo
+from wsolbench.harness import trains_on  # imported before any test patches the registry functions it binds
 
 
 class _Plain:
@@ -54,3 +55,34 @@ def test_the_shipped_zoo_serves_every_method_so_the_demo_needs_no_build(isolated
     assert demo.missing_zoo(names) == []
     demo.prepare_zoo(names, build=False)  # nothing to build, nothing raised
     assert not zoo.zoo_root("tiny").exists()
+
+
+class _SingleLabelTrainer:
+    registry_name = "slt"
+    tiny_zoo = ()
+    needs_training = True
+    single_label_training = True
+    capabilities = frozenset({"single"})
+
+
+class _MultiLabelSet:
+    registry_name = "voc-like"
+    tasks = frozenset({"pointing"})
+    multi_label = True
+
+
+def test_a_single_label_trainer_is_skipped_on_a_multi_label_set_and_said_so(isolated_env, monkeypatch, capsys):
+    """TeD-Loc and GenPromp train from one class per image: the demo skips them on VOC-format sets (counted in
+    its output) instead of stopping at their first multi-label sample; `wsolbench run` refuses in one line."""
+    monkeypatch.setattr(registry, "get_method_class", {"slt": _SingleLabelTrainer}.__getitem__)
+    monkeypatch.setattr(registry, "create_dataset", lambda name, split: _MultiLabelSet())
+    monkeypatch.setattr(demo, "demo_methods", lambda methods: ["slt"])
+    demo.run_demo(out=isolated_env / "runs", leaderboard_dir=isolated_env / "lb", datasets=("voc-like",))
+    assert "slt on voc-like: skipped (trains from one class label per image; this set is multi-label)" \
+        in capsys.readouterr().out
+
+
+def test_which_methods_can_train_on_a_multi_label_set():
+    voc = registry.DATASETS.get("voc")
+    methods = ("cam", "tedloc", "mmcst", "wwbl", "genpromp")
+    assert {m for m in methods if trains_on(registry.get_method_class(m), voc)} == {"cam", "mmcst", "wwbl"}

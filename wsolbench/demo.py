@@ -55,7 +55,7 @@ def run_demo(out: Path = Path("runs/demo"), leaderboard_dir: Path = Path("leader
              methods: Sequence[str] | None = None, fresh: bool = False,
              datasets: Sequence[str] = DEMO_DATASETS, build_zoo: bool = False) -> Path:
     """Run the demo benchmark; returns the path of the written leaderboard."""
-    from .harness import HarnessError, RunSpec, choose_task, run
+    from .harness import HarnessError, RunSpec, choose_task, run, trains_on
     from .leaderboard import build_tables, load_runs, render, write
     from .report import show_groups
     from .registry import create_dataset, get_method_class
@@ -66,6 +66,7 @@ def run_demo(out: Path = Path("runs/demo"), leaderboard_dir: Path = Path("leader
     prepare_zoo(names, build_zoo)
     if fresh and out.exists():
         shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
     print(f"wsolbench demo: methods {', '.join(names)} on {', '.join(datasets)} (tiny profile, CPU)", flush=True)
     run_dirs: dict[str, list[Path]] = {}  # per dataset, for the report
     for dataset in datasets:
@@ -76,6 +77,10 @@ def run_demo(out: Path = Path("runs/demo"), leaderboard_dir: Path = Path("leader
                 choose_task(ds, probe)
             except HarnessError:
                 print(f"  {name} on {dataset}: skipped (no capability for this dataset's task)", flush=True)
+                continue
+            if probe.needs_training and not trains_on(probe, ds):
+                print(f"  {name} on {dataset}: skipped (trains from one class label per image; this set is "
+                      f"multi-label)", flush=True)
                 continue
             t = time.time()
             print(f"  {name} on {dataset} ...", flush=True)

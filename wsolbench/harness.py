@@ -850,11 +850,15 @@ def _build_method(name: str, cfg: dict, dataset: Any, spec: RunSpec, hcfg: dict,
         return cls.load(ckpt, device=spec.device)  # training finished in an earlier (interrupted) run
     import inspect  # a method that reads every name of a class (GenPromp's meta token) gets the dataset's
 
+    train = _open_dataset(DATASETS.canonical(spec.dataset), spec.train_split, spec.data_root, hcfg) \
+        if cls.needs_training else None
+    if train is not None and not trains_on(cls, train):
+        raise HarnessError(f"{name} trains from one class label per image, and {spec.dataset} {spec.train_split} "
+                           f"is multi-label; score it with --checkpoint <a {name} trained on a single-label set>")
     wants = "class_synonyms" in inspect.signature(cls.from_config).parameters
     method = cls.from_config(cfg, class_names=dataset.class_names, device=spec.device,
                              **({"class_synonyms": dataset.class_synonyms} if wants else {}))
-    if cls.needs_training:
-        train = _open_dataset(DATASETS.canonical(spec.dataset), spec.train_split, spec.data_root, hcfg)
+    if train is not None:
         val = None
         if "val" in type(train).splits and spec.split != "val":
             try:
@@ -864,6 +868,11 @@ def _build_method(name: str, cfg: dict, dataset: Any, spec: RunSpec, hcfg: dict,
         method = fit_and_save(name, method, train, val, out_dir=run_dir / "train", checkpoint=ckpt,
                               resume=spec.resume, progress=spec.progress)  # data-parallel under torchrun
     return method
+
+
+def trains_on(method_cls: Any, dataset: Any) -> bool:
+    """Whether ``method_cls`` can train on ``dataset``: a single-label trainer cannot use a multi-label set."""
+    return not (method_cls.single_label_training and getattr(dataset, "multi_label", False))
 
 
 def _batches(n: int, size: int) -> Iterable[tuple[int, int]]:

@@ -71,6 +71,7 @@ class Localizer(abc.ABC):
     registry_name: ClassVar[str] = ""
     capabilities: ClassVar[frozenset[Capability]] = frozenset()
     needs_training: ClassVar[bool] = False
+    single_label_training: ClassVar[bool] = False  # fit reads one class per image: no multi-label train set
     tiny_zoo: ClassVar[tuple[str, ...]] = ()  # synthetic-world zoo models the tiny profile stands on
     input_size: int = 224
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
