@@ -17,10 +17,12 @@ class _ZooBased:
     tiny_zoo = ("clip",)
 
 
-def test_the_default_is_every_registered_method_fast_ones_first():
+def test_the_default_is_every_method_in_the_demo_untrained_ones_first(monkeypatch):
     names = demo.demo_methods()
     assert sorted(names) == registry.list_methods()
-    assert names[: len(demo.DEMO_ORDER)] == [m for m in demo.DEMO_ORDER if m in names]
+    assert names == ["center", "random", "cam", "genpromp", "mmcst", "tedloc", "wwbl"]
+    monkeypatch.setitem(registry.METHODS._entries["random"].declared, "in_demo", False)  # as a class saying so
+    assert "random" not in demo.demo_methods()
     assert demo.demo_methods(["TED-LOC", "center"]) == ["tedloc", "center"]
 
 

@@ -57,10 +57,29 @@ def test_catalogue_covers_every_paper_model():
                    "vgg16/IMAGENET1K_V1", "resnet50/IMAGENET1K_V1", "inception_v3/IMAGENET1K_V1",
                    "Salesforce/blip-image-captioning-base"):
         assert needed in sources
-    for spec in W.catalogue():
-        assert spec.licence and spec.files and spec.used_by
+    for spec in W.catalogue():  # every model has a user: a method class names it in ``pretrained``
+        assert spec.licence and spec.files and W.users(spec.name)
     assert {s.name for s in W.weights_for_method("genpromp")} == {"sd-v1-4", "efficientnet-b7"}
     assert "clip-vit-b32-openai" in {s.name for s in W.weights_for_method("WWbL")}
+    assert W.users("clip-vit-b16-openai") == ["mmcst", "tedloc"] and W.users("vgg16") == ["cam", "wwbl"]
+
+
+def test_a_method_declares_its_weights_and_listing_them_imports_no_method():
+    """The class's ``pretrained`` (read from its source) is what ``weights_for_method`` and ``users`` report; the
+    package's own models join the catalogue; none of it imports a method module or torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from wsolbench import weights as W; "
+            "print(sorted(W.users('sd-v1-4')), [s.name for s in W.weights_for_method('tedloc')], "
+            "sorted(m for m in sys.modules if m.endswith('.method')), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == ("['genpromp'] ['eva01-large', 'eva02-large', 'clip-vit-b16-openai', 'clip-vit-l14-openai'] "
+                   "[] False")
+    from wsolbench.registry import get_method_class
+
+    for m in ("cam", "tedloc", "mmcst", "wwbl", "genpromp"):  # the source reading agrees with the class
+        assert [s.name for s in W.weights_for_method(m)] == list(get_method_class(m).pretrained)
     with pytest.raises(KeyError, match="did you mean"):
         W.resolve("sd-v1-5")
 
@@ -234,7 +253,7 @@ def test_load_timm_and_open_clip_and_torchvision_offline(env, monkeypatch):
     from wsolbench import zoo
 
     vit = zoo.create_backbone("vit", "micro", num_classes=10)
-    spec = W.WeightSpec("test-vit", "timm", "wsolbench_vit_micro", ("model.safetensors",), "MIT", ("test",),
+    spec = W.WeightSpec("test-vit", "timm", "wsolbench_vit_micro", ("model.safetensors",), "MIT",
                         "test", hf_repo="test/wsolbench_vit_micro")
     monkeypatch.setitem(W.CATALOGUE, "test-vit", spec)
     snap = _fake_hf_cache(env, "test/wsolbench_vit_micro", {"config.json": "{}"})
@@ -245,7 +264,7 @@ def test_load_timm_and_open_clip_and_torchvision_offline(env, monkeypatch):
 
     clip, _ = zoo.create_clip("micro")
     spec = W.WeightSpec("wsolbench-clip-micro/test", "open_clip", "wsolbench-clip-micro/test",
-                        ("open_clip_model.safetensors",), "MIT", ("test",), "test")
+                        ("open_clip_model.safetensors",), "MIT", "test")
     monkeypatch.setitem(W.CATALOGUE, spec.name, spec)
     f = env / "weights" / spec.name / "open_clip_model.safetensors"
     f.parent.mkdir(parents=True)
@@ -257,7 +276,7 @@ def test_load_timm_and_open_clip_and_torchvision_offline(env, monkeypatch):
     import torchvision
 
     spec = W.WeightSpec("test-squeezenet", "torchvision", "squeezenet1_1/IMAGENET1K_V1",
-                        ("squeezenet1_1-b8a52dc0.pth",), "BSD-3-Clause", ("test",), "test",
+                        ("squeezenet1_1-b8a52dc0.pth",), "BSD-3-Clause", "test",
                         url="https://download.pytorch.org/models/squeezenet1_1-b8a52dc0.pth")
     monkeypatch.setitem(W.CATALOGUE, spec.name, spec)
     ref = torchvision.models.get_model("squeezenet1_1", weights=None)

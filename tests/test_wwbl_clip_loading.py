@@ -24,7 +24,7 @@ def micro_clip(monkeypatch, tmp_path):
     model, _ = zoo.create_clip("micro")
     for tag in ("openai", "laion"):
         name = f"wsolbench-clip-micro/{tag}"
-        spec = W.WeightSpec(name, "open_clip", name, ("micro.pt",), "MIT", ("test",), "test micro CLIP")
+        spec = W.WeightSpec(name, "open_clip", name, ("micro.pt",), "MIT", "test micro CLIP")
         monkeypatch.setitem(W.CATALOGUE, name, spec)
     return model
 

@@ -230,7 +230,7 @@ def cmd_weights(args: argparse.Namespace) -> int:
     from .registry import METHODS
 
     method = METHODS.canonical(args.method)  # an unknown name: status 3 with suggestions
-    if method not in weights.METHOD_WEIGHTS:
+    if not weights.weights_for_method(method):
         print(f"{method}: its paper profile uses no pretrained weights; nothing to fetch")
         return 0
     weights.fetch_for_method(method)

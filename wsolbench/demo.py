@@ -14,18 +14,17 @@ from pathlib import Path
 from typing import Sequence
 
 DEMO_DATASETS = ("synthetic-cub", "synthetic-voc")
-# The order the demo runs the built-in methods in: fast ones first. Plugins follow, by name.
-DEMO_ORDER = ("center", "random", "cam", "tedloc", "mmcst", "wwbl", "genpromp")
 
 
 def demo_methods(methods: Sequence[str] | None = None) -> list[str]:
-    """The named methods (registered names), or every registered method in ``DEMO_ORDER``."""
+    """The named methods (registered names), or every registered method whose class says ``in_demo``: those
+    that need no training first (they report at once), then by name."""
     from .registry import METHODS, list_methods
 
     if methods:
         return [METHODS.canonical(m) for m in methods]
-    rank = {m: i for i, m in enumerate(DEMO_ORDER)}
-    return sorted(list_methods(), key=lambda m: (rank.get(m, len(rank)), m))
+    names = [m for m in list_methods() if METHODS.declared(m, "in_demo")]
+    return sorted(names, key=lambda m: (bool(METHODS.declared(m, "needs_training")), m))
 
 
 def missing_zoo(methods: Sequence[str]) -> list[str]:

@@ -73,6 +73,8 @@ class Localizer(abc.ABC):
     needs_training: ClassVar[bool] = False
     single_label_training: ClassVar[bool] = False  # fit reads one class per image: no multi-label train set
     tiny_zoo: ClassVar[tuple[str, ...]] = ()  # synthetic-world zoo models the tiny profile stands on
+    pretrained: ClassVar[tuple[str, ...]] = ()  # wsolbench.weights catalogue names the paper profile may load
+    in_demo: ClassVar[bool] = True  # `wsolbench demo` runs its tiny profile (methods that train run last)
     input_size: int = 224
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)

@@ -37,6 +37,7 @@ class _Entry:
     aliases: tuple[str, ...] = ()
     source: str = "builtin"
     home: Path | None = None  # the folder of the module that defines it (its YAML configs are in home/configs)
+    declared: dict[str, Any] = field(default_factory=dict)  # literal class attributes read from the source
 
     def resolve(self) -> Any:
         if isinstance(self.target, str):
@@ -57,7 +58,7 @@ class Registry:
     # name -> "module:Class", imported lazily, and name -> its aliases (known without importing the module)
     builtins: dict[str, str] = field(default_factory=dict)
     builtin_aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    discover: Callable[[], list[tuple[str, str, tuple[str, ...], Path]]] | None = None  # more lazy builtins
+    discover: Callable[[], list[tuple[str, str, tuple[str, ...], Path, dict]]] | None = None  # lazy builtins
     _entries: dict[str, _Entry] = field(default_factory=dict)
     _aliases: dict[str, str] = field(default_factory=dict)
     _plugins_loaded: bool = False
@@ -94,10 +95,10 @@ class Registry:
         if self._plugins_loaded:
             return
         self._plugins_loaded = True
-        found = [(n, t, self.builtin_aliases.get(n, ()), None) for n, t in self.builtins.items()]
-        for name, target, aliases, home in found + (self.discover() if self.discover else []):
+        found = [(n, t, self.builtin_aliases.get(n, ()), None, {}) for n, t in self.builtins.items()]
+        for name, target, aliases, home, declared in found + (self.discover() if self.discover else []):
             if name not in self._entries:
-                self._entries[name] = _Entry(name, target, tuple(aliases), "builtin", home)
+                self._entries[name] = _Entry(name, target, tuple(aliases), "builtin", home, declared)
                 self._aliases.update((alias, name) for alias in aliases)
         for ep in importlib.metadata.entry_points(group=self.entry_point_group):
             self.register(ep.name, ep.value, source=f"entry point of {ep.dist.name if ep.dist else '?'}")
@@ -142,6 +143,14 @@ class Registry:
                 return entry.resolve()
         return None
 
+    def declared(self, name: str, attribute: str) -> Any:
+        """A class attribute of ``name`` (e.g. ``pretrained``), read from its source when it is a literal there,
+        so that listing every method's weights imports no method; else from the imported class."""
+        entry = self._entries[self.canonical(name)]
+        if attribute in entry.declared:
+            return entry.declared[attribute]
+        return getattr(entry.resolve(), attribute)
+
     def home(self, name: str) -> Path:
         """The folder of the module defining ``name`` (a method's YAML configs live in its ``configs/``)."""
         entry = self._entries[self.canonical(name)]
@@ -168,30 +177,55 @@ def _describe(target: Any) -> str:
     return f"{target.__module__}:{target.__qualname__}"
 
 
-def discover_methods() -> list[tuple[str, str, tuple[str, ...], Path]]:
-    """(name, "module:Class", aliases, folder) of every ``@register_method`` in ``wsolbench/methods/*/``,
-    read from the source with :mod:`ast` (no import); the decorator's arguments must be literals."""
+# class attributes a built-in method declares as literals, readable without importing it
+DECLARED = ("pretrained", "tiny_zoo", "needs_training", "in_demo")
+
+
+def discover_methods() -> list[tuple[str, str, tuple[str, ...], Path, dict]]:
+    """(name, "module:Class", aliases, folder, declared) of every ``@register_method`` in
+    ``wsolbench/methods/*/``, read from the source with :mod:`ast` (no import); the decorator's arguments must
+    be literals; ``declared`` holds the class's literal :data:`DECLARED` attributes."""
     spec = importlib.util.find_spec("wsolbench.methods")
     found = []
     for root in (spec.submodule_search_locations or []) if spec else []:
         for package in sorted(p for p in Path(root).iterdir() if (p / "__init__.py").is_file()):
             for path in sorted(package.glob("*.py")):
                 module = f"wsolbench.methods.{package.name}" + ("" if path.stem == "__init__" else f".{path.stem}")
-                found += [(name, f"{module}:{cls}", aliases, package)
-                          for cls, name, aliases in _decorated_classes(path, "register_method")]
+                found += [(name, f"{module}:{cls}", aliases, package, declared)
+                          for cls, name, aliases, declared in _decorated_classes(path, "register_method")]
     return found
 
 
-def _decorated_classes(path: Path, decorator: str) -> list[tuple[str, str, tuple[str, ...]]]:
-    """(class name, registered name, aliases) of the top-level classes of ``path`` decorated ``@decorator(...)``."""
+def _decorated_classes(path: Path, decorator: str) -> list[tuple[str, str, tuple[str, ...], dict]]:
+    """(class name, registered name, aliases, literal DECLARED attributes) of the top-level classes of ``path``
+    decorated ``@decorator(...)``."""
     out = []
     for node in ast.parse(path.read_text(encoding="utf-8"), str(path)).body:
         for dec in getattr(node, "decorator_list", []) if isinstance(node, ast.ClassDef) else []:
             if isinstance(dec, ast.Call) and getattr(dec.func, "id", None) == decorator:
                 kwargs = {k.arg: ast.literal_eval(k.value) for k in dec.keywords}
                 args = [ast.literal_eval(a) for a in dec.args]
-                out.append((node.name, args[0].lower(), tuple(a.lower() for a in
-                                                              (args[1] if len(args) > 1 else kwargs.get("aliases", ())))))
+                aliases = tuple(a.lower() for a in (args[1] if len(args) > 1 else kwargs.get("aliases", ())))
+                declared = _literal_attributes(node, DECLARED)
+                if [getattr(b, "id", None) for b in node.bases] == ["Localizer"]:  # the rest is inherited as is
+                    from .localizer import Localizer
+
+                    declared = {k: getattr(Localizer, k) for k in DECLARED} | declared
+                out.append((node.name, args[0].lower(), aliases, declared))
+    return out
+
+
+def _literal_attributes(node: ast.ClassDef, names: Iterable[str]) -> dict[str, Any]:
+    """The class-body assignments ``name = <literal>`` of ``node`` for ``names``."""
+    out = {}
+    for stmt in node.body:
+        target = stmt.targets[0] if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 else \
+            getattr(stmt, "target", None) if isinstance(stmt, ast.AnnAssign) and stmt.value is not None else None
+        if isinstance(target, ast.Name) and target.id in names:
+            try:
+                out[target.id] = ast.literal_eval(stmt.value)
+            except ValueError:  # not a literal: read from the class when asked
+                pass
     return out
 
 

@@ -1,7 +1,8 @@
 """Real pretrained weights: one catalogue, offline resolution with clear errors, safe loading.
 
 Every pretrained model the paper profiles use is in :data:`CATALOGUE` with its source id, the files that
-must be present, its licence and the methods that use it. Resolution is offline and goes, in order:
+must be present and its licence; a method's own models are declared in its package (``weights.py``) and the
+models a method loads by its class (``Localizer.pretrained``; :func:`users` inverts that). Resolution is offline and goes, in order:
 
 1. an explicit path (a method config's ``weights.<name>`` / ``path=`` argument): a folder holding the
    expected files, or the weights file itself;
@@ -24,134 +25,58 @@ from __future__ import annotations
 import os
 import pickle
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+
+from .weightspec import WeightSpec
 
 __all__ = ["WeightSpec", "CATALOGUE", "MissingWeightsError", "catalogue", "resolve", "find", "list_weights",
            "weights_for_method", "fetch", "fetch_for_method", "fetch_command", "load_state_dict",
            "load_open_clip", "load_timm", "load_torchvision", "diffusers_dir", "load_blip",
-           "load_genpromp_checkpoint", "METHOD_WEIGHTS", "resolve_timm", "resolve_diffusers"]
+           "load_genpromp_checkpoint", "users", "resolve_timm", "resolve_diffusers"]
 
 
 # ------------------------------------------------------------------------------------------ catalogue
-@dataclass(frozen=True)
-class WeightSpec:
-    """One pretrained model.
-
-    kind: ``diffusers`` | ``transformers`` (HF repo folders), ``open_clip`` (model + pretrained tag),
-    ``timm`` (model name with tag), ``torchvision`` (a torch hub checkpoint file).
-    source: the id the library knows it by (HF repo id, open_clip ``"ViT-B-16/openai"``, timm name,
-    torchvision ``"vgg16/IMAGENET1K_V1"``).
-    files: relative paths that must exist (folders) or acceptable file names (single-file kinds).
-    """
-
-    name: str
-    kind: str
-    source: str
-    files: tuple[str, ...]
-    licence: str
-    used_by: tuple[str, ...]
-    description: str
-    hf_repo: str | None = None          # where the files live on the Hugging Face hub
-    url: str | None = None              # direct URL (torch hub / open_clip URL cache)
-    size_gb: float | None = None
-    notes: str = ""
-    extra: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def is_folder(self) -> bool:
-        return self.kind in ("diffusers", "transformers")
-
-
-_SD_FILES = ("model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
-             "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/tokenizer_config.json",
-             "unet/config.json", "vae/config.json")
-_SD_WEIGHTS = ("text_encoder/model.safetensors|text_encoder/pytorch_model.bin",
-               "unet/diffusion_pytorch_model.safetensors|unet/diffusion_pytorch_model.bin",
-               "vae/diffusion_pytorch_model.safetensors|vae/diffusion_pytorch_model.bin")
-
+# The models more than one method loads; each method's own models are in its package
+# (wsolbench/methods/<name>/weights.py, SPECS) and join the catalogue below.
 CATALOGUE: dict[str, WeightSpec] = {s.name: s for s in [
-    WeightSpec("sd-v1-4", "diffusers", "CompVis/stable-diffusion-v1-4", _SD_FILES + _SD_WEIGHTS,
-               "CreativeML OpenRAIL-M", ("genpromp",),
-               "Stable Diffusion v1.4 (VAE, U-Net, CLIP ViT-L/14 text encoder, tokenizer, DDPM scheduler)",
-               hf_repo="CompVis/stable-diffusion-v1-4", size_gb=5.2,
-               notes="accept the licence on the model page and `hf auth login` first",
-               extra={"allow_patterns": ["model_index.json", "scheduler/*", "tokenizer/*", "text_encoder/config.json",
-                                         "text_encoder/model.safetensors", "unet/config.json",
-                                         "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
-                                         "vae/diffusion_pytorch_model.safetensors"]}),
     WeightSpec("clip-vit-b16-openai", "open_clip", "ViT-B-16/openai",
                ("open_clip_model.safetensors|open_clip_pytorch_model.bin|ViT-B-16.pt",), "MIT",
-               ("mmcst", "tedloc"), "OpenAI CLIP ViT-B/16 (MMCST text tokens; TeD-Loc's CLIP-ES pseudo-labels)",
+               "OpenAI CLIP ViT-B/16 (MMCST text tokens; TeD-Loc's CLIP-ES pseudo-labels)",
                hf_repo="timm/vit_base_patch16_clip_224.openai",
                url="https://openaipublic.azureedge.net/clip/models/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
                size_gb=0.6),
-    WeightSpec("clip-vit-b32-openai", "open_clip", "ViT-B-32/openai",
-               ("open_clip_model.safetensors|open_clip_pytorch_model.bin|ViT-B-32.pt",), "MIT",
-               ("wwbl",), "OpenAI CLIP ViT-B/32 (WWbL's frozen CLIP: losses, relevancy maps, text embeddings)",
-               hf_repo="timm/vit_base_patch32_clip_224.openai",
-               url="https://openaipublic.azureedge.net/clip/models/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
-               size_gb=0.6),
-    WeightSpec("clip-vit-l14-openai", "open_clip", "ViT-L-14/openai",
-               ("open_clip_model.safetensors|open_clip_pytorch_model.bin|ViT-L-14.pt",), "MIT",
-               ("tedloc",), "OpenAI CLIP ViT-L/14 (TeD-Loc class-anchor text embeddings, optional)",
-               hf_repo="timm/vit_large_patch14_clip_224.openai",
-               url="https://openaipublic.azureedge.net/clip/models/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
-               size_gb=1.7),
-    WeightSpec("eva01-large", "timm", "eva_large_patch14_196.in22k_ft_in22k_in1k",
-               ("model.safetensors|pytorch_model.bin",), "MIT", ("tedloc",),
-               "EVA-01 ViT-L/14 at 196 px (TeD-Loc's frozen encoder as the paper cites it; encoder.variant eva01-l-196)",
-               hf_repo="timm/eva_large_patch14_196.in22k_ft_in22k_in1k", size_gb=1.2),
-    WeightSpec("eva02-large", "timm", "eva02_large_patch14_448.mim_m38m_ft_in22k_in1k",
-               ("model.safetensors|pytorch_model.bin",), "MIT", ("tedloc",),
-               "EVA-02 ViT-L/14 (TeD-Loc encoder.variant eva02-l-448; created with img_size=224 for 224 px input)",
-               hf_repo="timm/eva02_large_patch14_448.mim_m38m_ft_in22k_in1k", size_gb=1.2),
-    WeightSpec("vit-b16", "timm", "vit_base_patch16_224.augreg2_in21k_ft_in1k",
-               ("model.safetensors|pytorch_model.bin",), "Apache-2.0", ("mmcst",),
-               "ViT-B/16 ImageNet-21k→1k (MMCST backbone)",
-               hf_repo="timm/vit_base_patch16_224.augreg2_in21k_ft_in1k", size_gb=0.35),
-    WeightSpec("deit-s16", "timm", "deit_small_patch16_224.fb_in1k",
-               ("model.safetensors|pytorch_model.bin|deit_small_patch16_224-cd65a155.pth",), "Apache-2.0",
-               ("mmcst",), "DeiT-S/16 (MCTformer's backbone; MMCST ablations)",
-               hf_repo="timm/deit_small_patch16_224.fb_in1k",
-               url="https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth", size_gb=0.09),
-    WeightSpec("deit-b16", "timm", "deit_base_patch16_224.fb_in1k",
-               ("model.safetensors|pytorch_model.bin|deit_base_patch16_224-b5f2ef4d.pth",), "Apache-2.0",
-               ("mmcst",), "DeiT-B/16 (ViT-B/16 trained on ImageNet-1k only)",
-               hf_repo="timm/deit_base_patch16_224.fb_in1k",
-               url="https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth", size_gb=0.35),
-    WeightSpec("efficientnet-b7", "timm", "tf_efficientnet_b7.ns_jft_in1k",
-               ("model.safetensors|pytorch_model.bin|tf_efficientnet_b7_ns-1dbc32de.pth",), "Apache-2.0",
-               ("genpromp",), "EfficientNet-B7 Noisy Student (GenPromp's test-time classifier)",
-               hf_repo="timm/tf_efficientnet_b7.ns_jft_in1k",
-               url="https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-weights/tf_efficientnet_b7_ns-1dbc32de.pth",
-               size_gb=0.27),
     WeightSpec("vgg16", "torchvision", "vgg16/IMAGENET1K_V1", ("vgg16-397923af.pth",),
-               "BSD-3-Clause (torchvision; ImageNet terms apply)", ("cam", "wwbl"),
+               "BSD-3-Clause (torchvision; ImageNet terms apply)",
                "torchvision VGG16 ImageNet (CAM baseline; WWbL encoder features[:23])",
                url="https://download.pytorch.org/models/vgg16-397923af.pth", size_gb=0.55),
     WeightSpec("resnet50", "torchvision", "resnet50/IMAGENET1K_V1", ("resnet50-0676ba61.pth",),
-               "BSD-3-Clause (torchvision; ImageNet terms apply)", ("cam", "wwbl"),
+               "BSD-3-Clause (torchvision; ImageNet terms apply)",
                "torchvision ResNet50 ImageNet V1 (CAM baseline; WWbL WSOL backbone option)",
                url="https://download.pytorch.org/models/resnet50-0676ba61.pth", size_gb=0.1),
     WeightSpec("inception-v3", "torchvision", "inception_v3/IMAGENET1K_V1", ("inception_v3_google-0cc3c7bd.pth",),
-               "BSD-3-Clause (torchvision; ImageNet terms apply)", ("cam", "wwbl"),
+               "BSD-3-Clause (torchvision; ImageNet terms apply)",
                "torchvision InceptionV3 ImageNet (CAM baseline; WWbL WSOL backbone option)",
                url="https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth", size_gb=0.1),
-    WeightSpec("blip-caption-base", "transformers", "Salesforce/blip-image-captioning-base",
-               ("config.json", "preprocessor_config.json", "tokenizer_config.json", "vocab.txt",
-                "model.safetensors|pytorch_model.bin"), "BSD-3-Clause", ("wwbl",),
-               "BLIP captioning, ViT-B, CapFilt-large (WWbL's proposal captions)",
-               hf_repo="Salesforce/blip-image-captioning-base", size_gb=0.99,
-               extra={"allow_patterns": ["*.json", "*.txt", "model.safetensors"]}),
 ]}
 
-METHOD_WEIGHTS: dict[str, tuple[str, ...]] = {}
-for _s in CATALOGUE.values():
-    for _m in _s.used_by:
-        METHOD_WEIGHTS[_m] = METHOD_WEIGHTS.get(_m, ()) + (_s.name,)
 
+def _add_method_specs() -> None:
+    """Add every method package's ``weights.SPECS`` to :data:`CATALOGUE` (a name defined twice is an error)."""
+    import importlib
+    import importlib.util
+
+    spec = importlib.util.find_spec("wsolbench.methods")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        for path in sorted(Path(root).glob("*/weights.py")):
+            module = importlib.import_module(f"wsolbench.methods.{path.parent.name}.weights")
+            for s in module.SPECS:
+                if s.name in CATALOGUE:
+                    raise ValueError(f"{path}: pretrained model {s.name!r} is already in the catalogue")
+                CATALOGUE[s.name] = s
+
+
+_add_method_specs()
 _ALIASES = {"stable-diffusion-v1-4": "sd-v1-4", "CompVis/stable-diffusion-v1-4": "sd-v1-4",
             "ViT-B-16": "clip-vit-b16-openai", "ViT-B/16": "clip-vit-b16-openai",
             "ViT-B-32": "clip-vit-b32-openai", "ViT-B/32": "clip-vit-b32-openai",
@@ -221,12 +146,12 @@ def _adhoc_spec(name: str) -> WeightSpec | None:
         for spec in CATALOGUE.values():
             if spec.kind == "torchvision" and fname in spec.files:
                 return spec
-        return WeightSpec(name, "torchvision", name, (fname,), "see the model's weights page", (),
+        return WeightSpec(name, "torchvision", name, (fname,), "see the model's weights page",
                           f"torchvision checkpoint {fname}", url=f"https://download.pytorch.org/models/{fname}")
     if name.startswith("hf:") or name.startswith("hf-hub:"):
         repo = name.split(":", 1)[1]
         return WeightSpec(name, "transformers", repo, ("config.json|model_index.json|open_clip_config.json",),
-                          "see the model card", (), f"Hugging Face repo {repo}", hf_repo=repo)
+                          "see the model card", f"Hugging Face repo {repo}", hf_repo=repo)
     if name.startswith("timm/"):
         name = name.split("/", 1)[1]
     try:
@@ -243,17 +168,23 @@ def _adhoc_spec(name: str) -> WeightSpec | None:
             url_file = cfg.url.rsplit("/", 1)[-1] if cfg.url else ""
             files = "model.safetensors|pytorch_model.bin" + (
                 f"|{url_file}" if url_file.endswith((".pth", ".bin", ".safetensors")) else "")
-            return WeightSpec(name, "timm", name, (files,), cfg.license or "see the model card", (),
+            return WeightSpec(name, "timm", name, (files,), cfg.license or "see the model card",
                               f"timm {name}", hf_repo=cfg.hf_hub_id.rstrip("/"), url=cfg.url or None)
     return None
 
 
 def weights_for_method(method: str) -> list[WeightSpec]:
-    key = method.lower().replace("-", "").replace("_", "")
-    if key not in METHOD_WEIGHTS:
-        raise KeyError(f"no pretrained weights are catalogued for method {method!r} "
-                       f"(methods: {', '.join(sorted(METHOD_WEIGHTS))})")
-    return [CATALOGUE[n] for n in METHOD_WEIGHTS[key]]
+    """The models ``method``'s class declares in ``pretrained`` (an unknown method: ``RegistryError``)."""
+    from .registry import METHODS
+
+    return [_spec(n) for n in METHODS.declared(method, "pretrained")]
+
+
+def users(name: str) -> list[str]:
+    """The registered methods whose class declares ``name`` in ``pretrained``."""
+    from .registry import METHODS, list_methods
+
+    return [m for m in list_methods() if name in METHODS.declared(m, "pretrained")]
 
 
 def fetch_command(name: str | None = None, method: str | None = None) -> str:
@@ -417,7 +348,7 @@ def list_weights(include_zoo: bool = True) -> list[dict]:
         hit, searched = find(spec.name)
         rows.append({"name": spec.name, "source": spec.source, "kind": spec.kind,
                      "status": "found" if hit else "missing", "path": str(hit) if hit else "",
-                     "licence": spec.licence, "used_by": ",".join(spec.used_by), "size_gb": spec.size_gb})
+                     "licence": spec.licence, "used_by": ",".join(users(spec.name)), "size_gb": spec.size_gb})
     if include_zoo:
         try:
             from . import zoo

@@ -36,6 +36,7 @@ class CenterPrior(Localizer):
     """An isotropic Gaussian centred in the image, sigma = ``sigma`` × side (same map for every query)."""
 
     capabilities = frozenset({Capability.SINGLE, Capability.MULTI, Capability.PHRASE})
+    pretrained = ()  # no pretrained model
 
     def localize(self, images: Any, classes: Sequence[Any] | None = None,
                  texts: Sequence[Any] | None = None, meta: Sequence[ImageMeta] | None = None) -> LocalizerOutput:
@@ -54,6 +55,7 @@ class RandomMap(Localizer):
     """Uniform noise at ``resolution``², seeded by the image content so a re-run gives the same maps."""
 
     capabilities = frozenset({Capability.SINGLE, Capability.MULTI, Capability.PHRASE})
+    pretrained = ()  # no pretrained model
 
     def localize(self, images: Any, classes: Sequence[Any] | None = None,
                  texts: Sequence[Any] | None = None, meta: Sequence[ImageMeta] | None = None) -> LocalizerOutput:

@@ -402,6 +402,7 @@ class CAM(Localizer):
     """CAM / Grad-CAM localizer; see the module docstring. Config: ``configs/cam*.yaml``."""
 
     capabilities = frozenset({Capability.SINGLE, Capability.MULTI})
+    pretrained = ("vgg16", "resnet50", "inception-v3")  # backbone.name: vgg16 | resnet50 | inceptionv3
     needs_training = True
 
     def __init__(self, config: dict | None = None, class_names: Sequence[str] | None = None,

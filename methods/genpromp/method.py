@@ -414,6 +414,7 @@ class GenPromp(Localizer):
     capabilities = frozenset({Capability.SINGLE, Capability.PHRASE})
     needs_training = True
     tiny_zoo = ("diffusion", "classifier")
+    pretrained = ("sd-v1-4", "efficientnet-b7")
     single_label_training = True  # one concept token per class, trained on the images of that class
 
     def __init__(self, config: dict | None = None, class_names: Sequence[str] | None = None, device: str = "cpu",

@@ -620,6 +620,7 @@ class MMCST(Localizer):
     capabilities = frozenset({Capability.MULTI, Capability.SINGLE})
     needs_training = True
     tiny_zoo = ("vit", "clip")
+    pretrained = ("vit-b16", "deit-s16", "deit-b16", "clip-vit-b16-openai")
 
     def __init__(self, config: dict | None = None, class_names: Sequence[str] | None = None,
                  device: str = "cpu") -> None:

@@ -554,6 +554,7 @@ class TeDLoc(Localizer):
     capabilities = frozenset({Capability.SINGLE})
     needs_training = True
     tiny_zoo = ("vit", "clip")
+    pretrained = ("eva01-large", "eva02-large", "clip-vit-b16-openai", "clip-vit-l14-openai")
     single_label_training = True  # the decoder's loss and the pseudo-labels take Sample.label
 
     def __init__(self, config: dict | None = None, class_names: Sequence[str] | None = None,

@@ -537,6 +537,7 @@ class WWbL(Localizer):
     capabilities = frozenset({Capability.SINGLE, Capability.PHRASE, Capability.OPEN})
     needs_training = True
     tiny_zoo = ("vgg", "clip", "captioner")
+    pretrained = ("vgg16", "resnet50", "inception-v3", "clip-vit-b32-openai", "blip-caption-base")
     mean = (0.5, 0.5, 0.5)
     std = (0.5, 0.5, 0.5)
 
