@@ -239,14 +239,18 @@ def resolve_method_config(method: str, profile: str = "paper", dataset_key: str 
     return cfg, sources
 
 
+RESOLUTION_KEYS = ("profile",)  # what resolve_method_config adds beside the schema's keys
+
+
 def with_defaults(method: str, config: Mapping | None) -> dict:
     """``config`` (a resolved config, or a partial one from a notebook or test) completed from the method's
     schema YAML, the one source of defaults; its keys and value types are checked against that schema."""
     schema = method_schema(method)
     partial = dict(config or {})
+    added = {k: partial.pop(k) for k in RESOLUTION_KEYS if k in partial}
     out = merge(schema, partial, schema=schema, where=f"{method} config")
     check_types(schema, partial, f"{method} config")
-    return out
+    return out | added
 
 
 def apply_overrides(cfg: Mapping, overrides: Mapping[str, Any] | Iterable[str], schema: Mapping,

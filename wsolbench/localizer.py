@@ -84,9 +84,20 @@ class Localizer(abc.ABC):
 
     def __init__(self, config: dict | None = None, class_names: Sequence[str] | None = None,
                  device: str = "cpu") -> None:
-        self.config: dict = dict(config or {})
+        self.config: dict = self.complete_config(config)
         self.class_names: list[str] = list(class_names or [])
         self.device = device
+
+    @classmethod
+    def complete_config(cls, config: dict | None) -> dict:
+        """``config`` (resolved, or partial from a notebook or test) completed from the method's schema YAML,
+        the one source of defaults, keys and value types checked; a method without one (a plugin without
+        ``configs/<name>.yaml``) keeps ``config`` as given."""
+        from .config import method_config_dir, with_defaults
+
+        if not cls.registry_name or not (method_config_dir(cls.registry_name) / f"{cls.registry_name}.yaml").is_file():
+            return dict(config or {})
+        return with_defaults(cls.registry_name, config)
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
