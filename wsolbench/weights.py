@@ -1,8 +1,9 @@
 """Real pretrained weights: one catalogue, offline resolution with clear errors, safe loading.
 
 Every pretrained model the paper profiles use is in :data:`CATALOGUE` with its source id, the files that
-must be present and its licence; a method's own models are declared in its package (``weights.py``) and the
-models a method loads by its class (``Localizer.pretrained``; :func:`users` inverts that). Resolution is offline and goes, in order:
+must be present and its licence: the models several methods load in ``configs/weights.yaml``, a method's own
+in its package (``methods/<name>/weights.yaml``); a method's class names those it loads
+(``Localizer.pretrained``; :func:`users` inverts that). Resolution is offline and goes, in order:
 
 1. an explicit path (a method config's ``weights.<name>`` / ``path=`` argument): a folder holding the
    expected files, or the weights file itself;
@@ -25,10 +26,9 @@ from __future__ import annotations
 import os
 import pickle
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
-
-from .weightspec import WeightSpec
 
 __all__ = ["WeightSpec", "CATALOGUE", "MissingWeightsError", "catalogue", "resolve", "find", "list_weights",
            "weights_for_method", "fetch", "fetch_for_method", "fetch_command", "load_state_dict",
@@ -37,46 +37,69 @@ __all__ = ["WeightSpec", "CATALOGUE", "MissingWeightsError", "catalogue", "resol
 
 
 # ------------------------------------------------------------------------------------------ catalogue
-# The models more than one method loads; each method's own models are in its package
-# (wsolbench/methods/<name>/weights.py, SPECS) and join the catalogue below.
-CATALOGUE: dict[str, WeightSpec] = {s.name: s for s in [
-    WeightSpec("clip-vit-b16-openai", "open_clip", "ViT-B-16/openai",
-               ("open_clip_model.safetensors|open_clip_pytorch_model.bin|ViT-B-16.pt",), "MIT",
-               "OpenAI CLIP ViT-B/16 (MMCST text tokens; TeD-Loc's CLIP-ES pseudo-labels)",
-               hf_repo="timm/vit_base_patch16_clip_224.openai",
-               url="https://openaipublic.azureedge.net/clip/models/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
-               size_gb=0.6),
-    WeightSpec("vgg16", "torchvision", "vgg16/IMAGENET1K_V1", ("vgg16-397923af.pth",),
-               "BSD-3-Clause (torchvision; ImageNet terms apply)",
-               "torchvision VGG16 ImageNet (CAM baseline; WWbL encoder features[:23])",
-               url="https://download.pytorch.org/models/vgg16-397923af.pth", size_gb=0.55),
-    WeightSpec("resnet50", "torchvision", "resnet50/IMAGENET1K_V1", ("resnet50-0676ba61.pth",),
-               "BSD-3-Clause (torchvision; ImageNet terms apply)",
-               "torchvision ResNet50 ImageNet V1 (CAM baseline; WWbL WSOL backbone option)",
-               url="https://download.pytorch.org/models/resnet50-0676ba61.pth", size_gb=0.1),
-    WeightSpec("inception-v3", "torchvision", "inception_v3/IMAGENET1K_V1", ("inception_v3_google-0cc3c7bd.pth",),
-               "BSD-3-Clause (torchvision; ImageNet terms apply)",
-               "torchvision InceptionV3 ImageNet (CAM baseline; WWbL WSOL backbone option)",
-               url="https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth", size_gb=0.1),
-]}
+@dataclass(frozen=True)
+class WeightSpec:
+    """One pretrained model.
+
+    kind: ``diffusers`` | ``transformers`` (HF repo folders), ``open_clip`` (model + pretrained tag),
+    ``timm`` (model name with tag), ``torchvision`` (a torch hub checkpoint file).
+    source: the id the library knows it by (HF repo id, open_clip ``"ViT-B-16/openai"``, timm name,
+    torchvision ``"vgg16/IMAGENET1K_V1"``).
+    files: relative paths that must exist (folders) or acceptable file names (single-file kinds).
+    """
+
+    name: str
+    kind: str
+    source: str
+    files: tuple[str, ...]
+    licence: str
+    description: str
+    hf_repo: str | None = None          # where the files live on the Hugging Face hub
+    url: str | None = None              # direct URL (torch hub / open_clip URL cache)
+    size_gb: float | None = None
+    notes: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_folder(self) -> bool:
+        return self.kind in ("diffusers", "transformers")
 
 
-def _add_method_specs() -> None:
-    """Add every method package's ``weights.SPECS`` to :data:`CATALOGUE` (a name defined twice is an error)."""
-    import importlib
+def _read_specs(path: Path) -> list[WeightSpec]:
+    """The ``WeightSpec`` entries of one catalogue YAML (a list of mappings of its fields)."""
+    import yaml
+
+    try:
+        entries = yaml.safe_load(path.read_text(encoding="utf-8")) or []
+        return [WeightSpec(**{**e, "files": tuple(e["files"])}) for e in entries]
+    except (TypeError, KeyError) as exc:
+        raise ValueError(f"{path}: a catalogue entry is not a WeightSpec ({exc}); "
+                         f"fields: {', '.join(WeightSpec.__dataclass_fields__)}") from exc
+
+
+def _catalogue_files() -> list[Path]:
+    """``configs/weights.yaml`` (models several methods load), then every ``methods/<name>/weights.yaml``."""
     import importlib.util
+    from importlib import resources
 
     spec = importlib.util.find_spec("wsolbench.methods")
-    for root in (spec.submodule_search_locations or []) if spec else []:
-        for path in sorted(Path(root).glob("*/weights.py")):
-            module = importlib.import_module(f"wsolbench.methods.{path.parent.name}.weights")
-            for s in module.SPECS:
-                if s.name in CATALOGUE:
-                    raise ValueError(f"{path}: pretrained model {s.name!r} is already in the catalogue")
-                CATALOGUE[s.name] = s
+    roots = (spec.submodule_search_locations or []) if spec else []
+    packages = [p for root in roots for p in sorted(Path(root).glob("*/weights.yaml"))]
+    return [Path(str(resources.files("wsolbench.configs") / "weights.yaml"))] + packages
 
 
-_add_method_specs()
+def _load_catalogue() -> dict[str, WeightSpec]:
+    out: dict[str, WeightSpec] = {}
+    for path in _catalogue_files():
+        for s in _read_specs(path):
+            if s.name in out:
+                raise ValueError(f"{path}: pretrained model {s.name!r} is already in the catalogue")
+            out[s.name] = s
+    return out
+
+
+# every pretrained model the paper profiles use; a method's class names the ones it loads in ``pretrained``
+CATALOGUE: dict[str, WeightSpec] = _load_catalogue()
 _ALIASES = {"stable-diffusion-v1-4": "sd-v1-4", "CompVis/stable-diffusion-v1-4": "sd-v1-4",
             "ViT-B-16": "clip-vit-b16-openai", "ViT-B/16": "clip-vit-b16-openai",
             "ViT-B-32": "clip-vit-b32-openai", "ViT-B/32": "clip-vit-b32-openai",
