@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from .demo import DEMO_DATASETS
+
 # Exit statuses (README "Command line"): the same meaning in every subcommand.
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_BAD_INPUT, EXIT_MISSING_WEIGHTS = 0, 1, 2, 3, 4
 # Known errors as "module:Class", matched against the exception's classes, so that nothing is imported to
@@ -264,7 +266,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(out=args.out, leaderboard_dir=args.leaderboard_dir, methods=args.methods, fresh=args.fresh,
-             build_zoo=args.build_zoo)
+             datasets=args.datasets, build_zoo=args.build_zoo)
     return 0
 
 
@@ -373,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--leaderboard-dir", type=Path, default=Path("leaderboards"))
     p.add_argument("--methods", nargs="*", default=None, help="default: every registered method")
+    p.add_argument("--datasets", nargs="+", default=list(DEMO_DATASETS),
+                   help=f"synthetic worlds to run on (default: {' '.join(DEMO_DATASETS)}; add synthetic-voc for the "
+                        "VOC format)")
     p.add_argument("--fresh", action="store_true", help="discard earlier demo runs instead of resuming them")
     _add_build_zoo_arg(p)
     p.set_defaults(func=cmd_demo)
