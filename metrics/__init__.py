@@ -15,10 +15,13 @@ shards merge into exactly the metric over all images. Plain functions do one-sho
 - ``GroundingBoxAccuracy`` / ``grounding_box_accuracy``: WWbL box accuracy.
 - ``FixedBoxAccuracy`` / ``contour_box``: one box per map at a fixed τ (GenPromp, WWbL CUB protocols).
 - ``prepare_map`` (+ ``PREPARATION``), ``scale_boxes`` / ``resize_box``, ``normalize_per_class``.
+- ``ClassificationAccuracy``, ``MapHealth``, ``EmptyForeground``, ``PointingSkips``: counters reported beside
+  the metrics (``Counts``), so nothing is skipped silently.
 - ``ThresholdPolicy``: oracle / fixed / val.
 """
 from .base import Metric, MetricInputError
 from .boxes import BOX_RULES, MaxBoxAcc, box_iou, max_box_acc
+from .counts import ClassificationAccuracy, Counts, EmptyForeground, MapHealth, PointingSkips
 from .dense import DenseMIoU, dense_miou
 from .fixed_box import FixedBoxAccuracy, contour_box, prepare_map_linear, scale_boxes_clamped
 from .grounding import GroundingBoxAccuracy, grounding_box_accuracy
@@ -30,8 +33,8 @@ from .prepare import (DENSE_PREPARATION, PREPARATION, normalize_per_class, norma
                       resize_box, scale_boxes)
 
 __all__ = [
-    "BOX_RULES", "DENSE_PREPARATION", "DenseMIoU", "FixedBoxAccuracy", "GroundingBoxAccuracy", "MaxBoxAcc", "Metric",
-    "MetricInputError", "PREPARATION", "PhrasePointing", "PointingGame", "PxAP", "ThresholdPolicy",
+    "BOX_RULES", "ClassificationAccuracy", "Counts", "DENSE_PREPARATION", "DenseMIoU", "EmptyForeground", "FixedBoxAccuracy", "GroundingBoxAccuracy", "MapHealth", "MaxBoxAcc", "Metric",
+    "MetricInputError", "PREPARATION", "PhrasePointing", "PointingGame", "PointingSkips", "PxAP", "ThresholdPolicy",
     "box_iou", "boxes_to_mask", "contour_box", "dense_miou", "grounding_box_accuracy", "max_box_acc",
     "normalize_per_class", "normalize_scoremap", "phrase_pointing", "pointing_game", "prepare_map",
     "prepare_map_linear", "pxap", "resize_bilinear", "resize_box", "scale_boxes", "scale_boxes_clamped", "union_box",

@@ -88,6 +88,8 @@ class _Evaluator:
         raise NotImplementedError
 
     def _variant(self, name: str) -> dict[str, Any]:
+        from wsolbench.metrics import MapHealth
+
         if name not in self.metrics:
             self.metrics[name] = {**self.new_metrics(), "health": MapHealth()}
         return self.metrics[name]
@@ -98,6 +100,8 @@ class _Evaluator:
 
     def fresh(self, raw: np.ndarray) -> dict[str, Any]:
         """New metric objects for one variant of one batch, with the raw maps' health already counted."""
+        from wsolbench.metrics import MapHealth
+
         mets = self.new_metrics()
         mets["health"] = MapHealth()
         mets["health"].update([raw[i, k] for i in range(raw.shape[0]) for k in range(raw.shape[1])])
@@ -153,7 +157,7 @@ class _BoxEvaluator(_Evaluator):
     task = "boxes"
 
     def new_metrics(self) -> dict[str, Any]:
-        from wsolbench.metrics import MaxBoxAcc
+        from wsolbench.metrics import ClassificationAccuracy, MaxBoxAcc
 
         kw = dict(iou_thresholds=tuple(self.hcfg["iou_thresholds"]),
                   cam_curve_interval=self.hcfg["cam_curve_interval"])
@@ -239,7 +243,7 @@ class _FixedBoxEvaluator(_BoxEvaluator):
     GT-known, Top-1 and Top-5 Loc and classification accuracy."""
 
     def new_metrics(self) -> dict[str, Any]:
-        from wsolbench.metrics import FixedBoxAccuracy
+        from wsolbench.metrics import ClassificationAccuracy, FixedBoxAccuracy
 
         p = self.protocol
         return {"fixed": FixedBoxAccuracy(p.tau, gray=p.gray, gt_known_op=p.gt_known_op),
@@ -280,7 +284,7 @@ class _MaskEvaluator(_Evaluator):
     task = "masks"
 
     def new_metrics(self):
-        from wsolbench.metrics import PxAP
+        from wsolbench.metrics import EmptyForeground, PxAP
 
         return {"pxap": PxAP(cam_curve_interval=self.hcfg["cam_curve_interval"], allow_empty_gt=True),
                 "empty_fg": EmptyForeground()}
@@ -374,7 +378,7 @@ class _PhraseEvaluator(_Evaluator):
         import cv2
 
         from wsolbench.datasets.flickr30k import grounding_samples
-        from wsolbench.metrics import union_box
+        from wsolbench.metrics import MapHealth, union_box
 
         batch: dict[str, dict[str, Any]] = {}
         records = []
@@ -414,7 +418,7 @@ class _PointingEvaluator(_Evaluator):
         return getattr(self.dataset, "difficult_flags", None)
 
     def new_metrics(self) -> dict[str, Any]:
-        from wsolbench.metrics import PointingGame
+        from wsolbench.metrics import PointingGame, PointingSkips
 
         n, tol = self.dataset.num_classes, int(self.protocol.tolerance)
         mets: dict[str, Any] = {"all": PointingGame(n, tol, allow_empty_gt=True), "skips": PointingSkips()}
@@ -423,7 +427,7 @@ class _PointingEvaluator(_Evaluator):
         return mets
 
     def process(self, samples, images):
-        from wsolbench.metrics import resize_bilinear
+        from wsolbench.metrics import MapHealth, resize_bilinear
 
         pairs = [(i, c) for i, s in enumerate(samples) for c in pointing_classes(s)]
         records = [{"image_id": s.image_id, "classes": pointing_classes(s)} for s in samples]
@@ -503,105 +507,6 @@ def protocol_harness(hcfg: dict, protocol: Any) -> dict:
     return {**hcfg, "eval_size": protocol.map_size, "cam_curve_interval": protocol.interval,
             "iou_thresholds": list(protocol.iou_thresholds),
             "miou_bg_thresholds": list(protocol.bg_thresholds) if protocol.bg_thresholds else None}
-
-
-class _Counts:
-    """Integer counters as a metric state (reset / merge / state_dict like every metric): subclasses name
-    their ``keys`` and say what ``update`` and ``compute`` do with them."""
-
-    keys: tuple[str, ...] = ()
-    higher_is_better: dict[str, bool] = {}
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.state = {k: np.zeros((), np.int64) for k in self.keys}
-
-    def merge(self, other: "_Counts") -> None:
-        for k in self.state:
-            self.state[k] = self.state[k] + other.state[k]
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        return {k: np.asarray(v) for k, v in self.state.items()}
-
-    def load_state_dict(self, d: dict[str, np.ndarray]) -> None:
-        self.state = {k: np.asarray(d[k], np.int64) for k in self.state}
-
-
-class ClassificationAccuracy(_Counts):
-    """Top-1/Top-5 classification accuracy as integer counts (mergeable like every metric state)."""
-
-    keys = ("top1", "top5", "count")
-    higher_is_better = {"top1_cls": True, "top5_cls": True}
-
-    def update(self, top5: Sequence[Sequence[int]], labels: Sequence[int]) -> None:
-        for pred, y in zip(top5, labels):
-            self.state["top1"] += int(pred[0] == y)
-            self.state["top5"] += int(y in pred[:5])
-            self.state["count"] += 1
-
-    def compute(self, policy: Any = None) -> dict[str, float]:
-        n = int(self.state["count"])
-        if n == 0:
-            return {}
-        return {"top1_cls": 100.0 * int(self.state["top1"]) / n, "top5_cls": 100.0 * int(self.state["top5"]) / n}
-
-    def options(self) -> dict[str, Any]:
-        return {"top_k": [1, 5]}
-
-
-class MapHealth(_Counts):
-    """Counts raw maps that were non-finite or constant (prepare_map turns those into zeros): reported, never silent."""
-
-    keys = ("nonfinite", "constant", "count")
-
-    def update(self, raw_maps: Sequence[np.ndarray]) -> None:
-        for m in raw_maps:
-            finite = bool(np.isfinite(m).all())
-            self.state["nonfinite"] += int(not finite)
-            self.state["constant"] += int(finite and float(m.max()) == float(m.min()))
-            self.state["count"] += 1
-
-    def compute(self, policy: Any = None) -> dict[str, int]:
-        return {"nonfinite_maps": int(self.state["nonfinite"]), "constant_maps": int(self.state["constant"])}
-
-    def options(self) -> dict[str, Any]:
-        return {"rule": "non-finite or constant raw maps are scored as all-zero maps (wsolevaluation) and counted"}
-
-
-class EmptyForeground(_Counts):
-    """Images whose foreground mask is empty: scored as all-negative pixels (as wsolevaluation does) and counted."""
-
-    keys = ("empty",)
-
-    def update(self, masks: Sequence[np.ndarray]) -> None:
-        self.state["empty"] = self.state["empty"] + sum(not m.any() for m in masks)
-
-    def compute(self, policy: Any = None) -> dict[str, int]:
-        return {"empty_foreground_images": int(self.state["empty"])}
-
-    def options(self) -> dict[str, Any]:
-        return {"rule": "an image whose foreground mask is empty counts as all-negative pixels (reference)"}
-
-
-class PointingSkips(_Counts):
-    """(image, class) pairs the TorchRay pointing game skips: all the class's boxes "difficult", or (difficult
-    subset) an easy pair by the EBP flags; counted so that nothing is skipped silently."""
-
-    keys = ("all_difficult", "easy")
-
-    def update(self, all_difficult: int = 0, easy: int = 0) -> None:
-        self.state["all_difficult"] = self.state["all_difficult"] + all_difficult
-        self.state["easy"] = self.state["easy"] + easy
-
-    def compute(self, policy: Any = None) -> dict[str, int]:
-        return {"pairs_skipped_all_difficult": int(self.state["all_difficult"]),
-                "pairs_skipped_easy_in_difficult_subset": int(self.state["easy"])}
-
-    def options(self) -> dict[str, Any]:
-        return {"rule": "TorchRay: a class whose boxes are all difficult is skipped; the difficult subset keeps "
-                        "the pairs the EBP flags mark (images absent from the flag file are kept)"}
 
 
 def _resize_mask_pair(pair: tuple[np.ndarray, np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -950,6 +855,8 @@ def _write_shard(path: Path, ids: list[str], batch_metrics: dict, records: list,
 
 
 def _read_shard(path: Path, ids: list[str], evaluator: _Evaluator) -> tuple[dict, list, list]:
+    from wsolbench.metrics import MapHealth
+
     with np.load(path, allow_pickle=False) as z:
         meta = json.loads(bytes(z["__meta__"]).decode())
         if meta["ids"] != ids:

@@ -95,7 +95,7 @@ def _prediction(logits: Any, i: int) -> dict[str, Any]:
 
 def _health(raw: np.ndarray) -> dict[str, bool]:
     """The map's health flags, by the rule the run's counts use (``MapHealth``)."""
-    from .harness import MapHealth
+    from wsolbench.metrics import MapHealth
 
     h = MapHealth()
     h.update([raw])
