@@ -1,4 +1,4 @@
-"""TeD-Loc (methods/tedloc.py) on random-init micro zoo models: anchors, sampling, losses, training, inference."""
+"""TeD-Loc (methods/tedloc/) on random-init micro zoo models: anchors, sampling, losses, training, inference."""
 from __future__ import annotations
 
 import warnings
@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import wsolbench.methods.tedloc.method as T
+from wsolbench.localizer import LocalizerOutput
+from wsolbench.methods.tedloc import losses as L, model as M, sampling as S
 from wsolbench.datasets.base import Sample, WSOLDataset
 from wsolbench.config import load_method_config
 
@@ -56,7 +58,7 @@ class _Scenes(WSOLDataset):
 def test_qr_anchors_are_orthonormal_and_keep_class_order():
     torch.manual_seed(0)
     text = F.normalize(torch.randn(5, 16) + 2.0, dim=1)  # correlated, like CLIP class embeddings
-    a = T.orthogonalize_anchors(text)
+    a = M.orthogonalize_anchors(text)
     torch.testing.assert_close(a @ a.T, torch.eye(5), atol=1e-5, rtol=0)
     r = a @ text.T  # anchor k · t_j: Gram–Schmidt in class order → upper triangular, positive diagonal
     assert torch.all(torch.diagonal(r) > 0)
@@ -64,13 +66,13 @@ def test_qr_anchors_are_orthonormal_and_keep_class_order():
     torch.testing.assert_close(a[0], text[0], atol=1e-5, rtol=0)  # the first class is unchanged
     assert torch.equal(torch.argmax(r, dim=0)[:1], torch.tensor([0]))
     perm = [2, 0, 1, 4, 3]  # the anchors follow the class order given
-    torch.testing.assert_close(T.orthogonalize_anchors(text[perm])[0], text[2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(M.orthogonalize_anchors(text[perm])[0], text[2], atol=1e-5, rtol=0)
 
 
 def test_more_classes_than_dimensions_whitens_with_a_warning():
     text = torch.randn(12, 4)
     with pytest.warns(RuntimeWarning, match="orthonormal"):
-        a = T.orthogonalize_anchors(text)
+        a = M.orthogonalize_anchors(text)
     torch.testing.assert_close(a.norm(dim=1), torch.ones(12), atol=1e-5, rtol=0)
 
 
@@ -98,10 +100,10 @@ def _square_cam(n: int = 20) -> np.ndarray:
 
 def test_otsu_candidates_lie_in_the_right_regions():
     cam = _square_cam()
-    region, core = T.otsu_regions(cam, erosion=3)
+    region, core = S.otsu_regions(cam, erosion=3)
     assert region[5:13, 6:14].all() and region.sum() == 64
     assert core.sum() == 36 and core[6:12, 7:13].all()  # 3×3 erosion of the 8×8 square
-    fg, bg = T.fg_bg_candidates(cam, n_fg=10, n_bg=30, erosion=3, bg_fraction=1.0)
+    fg, bg = S.fg_bg_candidates(cam, n_fg=10, n_bg=30, erosion=3, bg_fraction=1.0)
     assert len(fg) == 10 and len(bg) == 30
     inside = np.zeros_like(region)
     inside[5:13, 6:14] = True
@@ -109,7 +111,7 @@ def test_otsu_candidates_lie_in_the_right_regions():
     assert not inside.ravel()[bg].any()
     assert cam.ravel()[fg].min() >= cam.ravel()[np.flatnonzero(core)].max() - 0.2  # the top activations
     assert bg[0] == 0  # the lowest cell first
-    fg_all, bg_all = T.fg_bg_candidates(cam, 0, 0, 1, 1.0)  # 0 = every cell of the sets
+    fg_all, bg_all = S.fg_bg_candidates(cam, 0, 0, 1, 1.0)  # 0 = every cell of the sets
     assert len(fg_all) == 64 and len(bg_all) == 400 - 64
 
 
@@ -117,45 +119,45 @@ def test_background_comes_from_the_lowest_fraction_and_the_rest_is_unlabelled():
     """F-CAM/DiPS: BG only among the lowest 20% of cells; top-n⁺ / bottom-n⁻ keep the extremes; every other
     cell is in neither set. The paper profile's config states these defaults."""
     cam = _square_cam()  # 400 cells: 64 in the Otsu region, 336 below it
-    fg, bg = T.fg_bg_candidates(cam, 0, 0, 1, 0.2)
+    fg, bg = S.fg_bg_candidates(cam, 0, 0, 1, 0.2)
     assert len(fg) == 64 and len(bg) == 80  # the lowest 20% of 400 cells, all outside the region
     assert cam.ravel()[bg].max() <= np.sort(cam.ravel())[79]
     labelled = np.zeros(400, bool)
     labelled[fg] = labelled[bg] = True
     assert (~labelled).sum() == 400 - 64 - 80  # unlabelled: the middle of the map
-    top, bottom = T.fg_bg_candidates(cam, 5, 7, 1, 0.2)
+    top, bottom = S.fg_bg_candidates(cam, 5, 7, 1, 0.2)
     np.testing.assert_array_equal(top, fg[:5])  # the n⁺ highest, highest first
     np.testing.assert_array_equal(bottom, bg[:7])  # the n⁻ lowest, lowest first
     assert cam.ravel()[top].min() >= np.sort(cam.ravel()[fg])[-5]
     assert cam.ravel()[bottom].max() <= np.sort(cam.ravel())[6]
     wide = np.zeros((10, 10), np.float32)
     wide[:, 2:] = np.linspace(0.5, 1, 80).reshape(10, 8)  # FG covers 80% of the map ...
-    fg_w, bg_w = T.fg_bg_candidates(wide, 0, 0, 1, 0.5)
+    fg_w, bg_w = S.fg_bg_candidates(wide, 0, 0, 1, 0.5)
     assert set(bg_w.tolist()) <= set(np.flatnonzero(wide.ravel() == 0).tolist())  # ... BG stays outside it
     with pytest.raises(ValueError, match="bg_fraction"):
-        T.fg_bg_candidates(cam, 0, 0, 1, 0.0)
+        S.fg_bg_candidates(cam, 0, 0, 1, 0.0)
     paper = load_method_config("tedloc", "paper", "cub")["sampling"]
     assert paper["bg_fraction"] == 0.2
 
 
 def test_balanced_sampling_resamples_and_pads():
     cam = _square_cam()
-    fg, bg = T.fg_bg_candidates(cam, n_fg=12, n_bg=0, erosion=1, bg_fraction=1.0)
+    fg, bg = S.fg_bg_candidates(cam, n_fg=12, n_bg=0, erosion=1, bg_fraction=1.0)
     g = torch.Generator().manual_seed(0)
-    f1, b1 = T.sample_balanced(fg, bg, 8, g)
+    f1, b1 = S.sample_balanced(fg, bg, 8, g)
     assert (f1 >= 0).sum() == (b1 >= 0).sum() == 8
     assert set(f1.tolist()) <= set(fg.tolist()) and set(b1.tolist()) <= set(bg.tolist())
-    f2, _ = T.sample_balanced(fg, bg, 8, g)
+    f2, _ = S.sample_balanced(fg, bg, 8, g)
     assert set(f1.tolist()) != set(f2.tolist())  # re-sampled at every step
-    f3, b3 = T.sample_balanced(fg, bg, 20, g)  # fewer FG candidates than asked: still equal numbers
+    f3, b3 = S.sample_balanced(fg, bg, 20, g)  # fewer FG candidates than asked: still equal numbers
     assert (f3 >= 0).sum() == (b3 >= 0).sum() == 12 and (f3 == -1).sum() == 8
     flat = np.zeros((10, 10), np.float32)  # constant map: no FG, nothing sampled
-    fg0, bg0 = T.fg_bg_candidates(flat, 0, 0, 1, 0.2)
+    fg0, bg0 = S.fg_bg_candidates(flat, 0, 0, 1, 0.2)
     assert len(fg0) == len(bg0) == 0
-    f4, b4 = T.sample_balanced(fg0, bg0, 4)
+    f4, b4 = S.sample_balanced(fg0, bg0, 4)
     assert (f4 == -1).all() and (b4 == -1).all()
-    assert T.erosion_on_grid(11, 224, 64) == 3 and T.erosion_on_grid(11, 224, 224) == 11
-    assert T.erosion_on_grid(1, 224, 64) == 1
+    assert S.erosion_on_grid(11, 224, 64) == 3 and S.erosion_on_grid(11, 224, 224) == 11
+    assert S.erosion_on_grid(1, 224, 64) == 1
 
 
 # ----------------------------------------------------------------------------------------- model / losses
@@ -163,13 +165,13 @@ def test_h_is_the_g_weighted_mean_of_z():
     torch.manual_seed(0)
     z = torch.randn(2, 6, 4, 5)
     g_logit = torch.randn(2, 1, 4, 5)
-    h = T.global_embedding(z, g_logit)
+    h = M.global_embedding(z, g_logit)
     p = torch.sigmoid(g_logit)
     manual = torch.stack([(z[b] * p[b]).sum((1, 2)) / p[b].sum() for b in range(2)])
     torch.testing.assert_close(h, manual, rtol=1e-5, atol=1e-6)
     big = torch.full((1, 1, 4, 5), -30.0)
     big[0, 0, 1, 2] = 30.0  # g ≈ one-hot → h ≈ that cell's z
-    torch.testing.assert_close(T.global_embedding(z[:1], big), z[:1, :, 1, 2], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(M.global_embedding(z[:1], big), z[:1, :, 1, 2], rtol=1e-4, atol=1e-4)
 
 
 def _loss_setup(scale: float):
@@ -185,29 +187,29 @@ def _loss_setup(scale: float):
         for c in fg[i][fg[i] >= 0]:
             z[i, :, c // 4, c % 4] = scale * anchors[labels[i]]
             g[i, 0, c // 4, c % 4] = scale
-    out = {"z": z, "g_logit": g, "h": T.global_embedding(z, g)}
+    out = {"z": z, "g_logit": g, "h": M.global_embedding(z, g)}
     return out, labels, fg, bg, head_scores
 
 
 def test_each_loss_is_minimal_where_it_should_be():
     cfg = {"kd": True, "pcl": True, "icl": True, "lambda_kd": 1.0, "lambda_pcl": 1.0, "lambda_icl": 1.0}
-    good = T.tedloc_losses(*_loss_setup(40.0), cfg)
+    good = L.tedloc_losses(*_loss_setup(40.0), cfg)
     for k in ("l_kd", "p_cl", "i_cl", "loss"):
         assert float(good[k]) < 1e-5, (k, float(good[k]))
-    weak = T.tedloc_losses(*_loss_setup(0.5), cfg)
+    weak = L.tedloc_losses(*_loss_setup(0.5), cfg)
     for k in ("l_kd", "p_cl", "i_cl"):
         assert float(weak[k]) > 0.1
     out, labels, fg, bg, scores = _loss_setup(40.0)
-    wrong = T.tedloc_losses(out, torch.tensor([0, 0]), fg, bg, scores, cfg)  # wrong class: KD and I_CL grow
+    wrong = L.tedloc_losses(out, torch.tensor([0, 0]), fg, bg, scores, cfg)  # wrong class: KD and I_CL grow
     assert float(wrong["l_kd"]) > 10 and float(wrong["i_cl"]) > 10 and float(wrong["p_cl"]) < 1e-6
-    flipped = T.tedloc_losses(out, labels, bg, fg, scores, cfg)  # FG/BG swapped: P_CL grows
+    flipped = L.tedloc_losses(out, labels, bg, fg, scores, cfg)  # FG/BG swapped: P_CL grows
     assert float(flipped["p_cl"]) > 10
     # switches and λs: the total is the weighted sum of the enabled terms
-    w = T.tedloc_losses(*_loss_setup(0.5), {"kd": True, "pcl": False, "icl": True, "lambda_kd": 0.5,
+    w = L.tedloc_losses(*_loss_setup(0.5), {"kd": True, "pcl": False, "icl": True, "lambda_kd": 0.5,
                                             "lambda_icl": 0.25})
     torch.testing.assert_close(w["loss"], 0.5 * w["l_kd"] + 0.25 * w["i_cl"])
     none = torch.full((2, 3), -1)  # no sampled cells: the cell losses vanish, I_CL remains
-    e = T.tedloc_losses(out, labels, none, none, scores, cfg)
+    e = L.tedloc_losses(out, labels, none, none, scores, cfg)
     assert float(e["l_kd"]) == 0 and float(e["p_cl"]) == 0 and torch.isfinite(e["loss"])
 
 
@@ -317,12 +319,12 @@ def test_paper_profile_config_and_missing_weights(isolated_env, monkeypatch):
     cub = load_method_config("tedloc", "paper", "cub")
     ils = load_method_config("tedloc", "paper", "ilsvrc")
     assert cub["encoder"]["source"] == "timm" and cub["encoder"]["variant"] == "eva01-l-196"
-    assert T.encoder_name(cub["encoder"]) == "eva_large_patch14_196.in22k_ft_in22k_in1k"  # EVA-01, as the paper cites
-    assert T.encoder_name({"variant": "eva02-l-448"}).startswith("eva02_large_patch14_448")
+    assert M.encoder_name(cub["encoder"]) == "eva_large_patch14_196.in22k_ft_in22k_in1k"  # EVA-01, as the paper cites
+    assert M.encoder_name({"name": None, "variant": "eva02-l-448"}).startswith("eva02_large_patch14_448")
     named = {"variant": "eva02-l-448", "name": "vit_large_patch14_clip_224"}
-    assert T.encoder_name(named) == "vit_large_patch14_clip_224"  # a timm name wins over the variant
+    assert M.encoder_name(named) == "vit_large_patch14_clip_224"  # a timm name wins over the variant
     with pytest.raises(ValueError, match="encoder.variant must be one of eva01-l-196"):
-        T.encoder_name({"variant": "eva-l"})
+        M.encoder_name({"name": None, "variant": "eva-l"})
     assert cub["selection"]["metric"] == "maxboxacc" and cub["selection"]["map_size"] == 256
     assert cub["clip"]["name"] == "ViT-B-16" and cub["train"]["optimizer"] == "sgd"
     assert (cub["train"]["epochs"], cub["train"]["batch_size"]) == (50, 16)
@@ -457,7 +459,7 @@ def test_box_accuracy_scores_the_g_maps_against_the_boxes(method, isolated_env, 
                     maps[i, 0, far_y:far_y + 4, far_x:far_x + 4] = 1.0
                 else:
                     maps[i, 0, y0:y1 + 1, x0:x1 + 1] = 1.0
-            return T.LocalizerOutput(maps=maps, classes=[[c] for c in classes])
+            return LocalizerOutput(maps=maps, classes=[[c] for c in classes])
         return localize
 
     monkeypatch.setattr(T.TeDLoc, "localize", boxes_as_maps(False))
