@@ -314,6 +314,29 @@ def test_train_set_items_are_balanced_and_augmented_together(method, isolated_en
     assert seen_flip == {True, False}
 
 
+def test_a_partial_config_is_completed_from_the_schema_yaml(isolated_env):
+    """tedloc.yaml is the one source of defaults: a notebook's partial config trains with the YAML's per_step 32,
+    erosion 11 px (scaled to the z_p grid), bg_fraction 0.2, 50 cosine epochs and step_size 15, not with values
+    written again in the code."""
+    partial = {"input_size": 32, "encoder": {"source": "zoo-random", "scale": "micro"},
+               "clip": {"source": "zoo-random", "scale": "micro"}, "decoder": {"hidden_dim": 16},
+               "train": {"resize_size": 36, "crop_size": 32}}
+    m = T.TeDLoc(partial, class_names=NAMES)
+    paper = load_method_config("tedloc", "paper")
+    sampling, train = paper["sampling"], paper["train"]
+    assert (sampling["per_step"], sampling["erosion_kernel"], train["epochs"]) == (32, 11, 50)
+    ts = m.make_train_set(_Scenes(isolated_env / "scenes", n=1), [isolated_env / "unused.npy"])
+    assert (ts.per_step, ts.bg_fraction, ts.n_fg, ts.n_bg) == (32, 0.2, 0, 0)
+    assert m.grid == (16, 16) and ts.erosion == 7  # 11 px at 32 px on the 16×16 z_p grid (4×4 micro ViT, 2 blocks)
+    opt, sched = m.make_optimizer()
+    assert sched.T_max == 50 and opt.defaults["lr"] == 0.01 and opt.defaults["momentum"] == 0.9
+    m.config["train"]["scheduler"] = "step"
+    assert m.make_optimizer()[1].step_size == 15
+    m.config["selection"]["every"] = 0
+    with pytest.raises(ValueError, match="selection.every must be an integer of at least 1"):
+        m.fit(_Scenes(isolated_env / "scenes", n=2), progress=False)
+
+
 def test_paper_profile_config_and_missing_weights(isolated_env, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cub = load_method_config("tedloc", "paper", "cub")
