@@ -45,6 +45,8 @@ class _Entry:
             obj = importlib.import_module(module)
             for part in attr.split("."):
                 obj = getattr(obj, part)
+            if isinstance(obj, type) and not vars(obj).get("registry_name"):  # an entry point's class: named
+                obj.registry_name = self.name  # as the decorator names a built-in (its configs/<name>.yaml)
             self.target = obj
         return self.target
 
