@@ -17,17 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # The first contract failure of each method that fails today: bugs in the method, found by this test (the
 # message pattern of its AssertionError). Fix the method, then delete its line: a line whose failure is gone,
 # or a method failing otherwise, fails the test, so no line outlives its fix or hides another failure.
-KNOWN_FAILURES = {
-    # CenterPrior never reads the pixels: a list of paths is scored as images (also: classes=[3] or [-1] accepted)
-    "center": r"center: single: images=\['bird.jpg', 'bird.jpg'\] \(not images\) was accepted",
-    # RandomMap: no class-range check (classes=[3] and [-1] give maps)
-    "random": r"random: classes=\[3, 0\] \(3 classes, 2 images\) was accepted",
-    # TeD-Loc indexes its anchors with the raw queries: 3 of 3 raises IndexError in torch, -1 takes the last class
-    "tedloc": r"tedloc: classes=\[3, 0\] \(3 classes, 2 images\) raised IndexError",
-    # WWbL's open-world path hands non-images to PIL (TypeError); class_text also maps classes=[3] or [-1] to
-    # "object" instead of refusing them
-    "wwbl": r"wwbl: open: images=\['bird.jpg', 'bird.jpg'\] \(not images\) raised TypeError",
-}
+KNOWN_FAILURES: dict[str, str] = {}  # none today: the four found first were fixed in Localizer/imaging
 
 
 @pytest.mark.parametrize("name", list_methods())

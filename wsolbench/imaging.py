@@ -1,6 +1,7 @@
 """Turning user images (PIL, numpy, tensors) into model batches, with errors that say what was received."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -66,6 +67,11 @@ def as_image_list(images: Any) -> list:
     if isinstance(images, Sequence) and not isinstance(images, (str, bytes)):
         if len(images) == 0:
             raise InputError("got an empty batch of images")
+        for i, img in enumerate(images):
+            if not isinstance(img, (Image.Image, torch.Tensor, np.ndarray)):
+                raise InputError(f"image {i}: expected a PIL.Image, numpy array or torch tensor, got {_describe(img)}"
+                                 + (" (a path: open it with PIL.Image.open first)" if isinstance(img, (str, Path))
+                                    else ""))
         return list(images)
     raise InputError(f"images must be a PIL image, an array/tensor or a list of them, got {_describe(images)}")
 

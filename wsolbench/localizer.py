@@ -176,8 +176,15 @@ class Localizer(abc.ABC):
                              f"localization (capabilities: {have})")
 
     def class_queries(self, classes: Sequence[Any] | None, batch: int) -> list[list[int]] | None:
-        """Normalise the ``classes`` argument to one equal-length list of ints per image (or None)."""
-        return normalize_queries(classes, batch, kind="classes", item_type=(int, np.integer))
+        """Normalise the ``classes`` argument to one equal-length list of ints per image (or None), each a
+        valid index into ``class_names`` when the method has them."""
+        queries = normalize_queries(classes, batch, kind="classes", item_type=(int, np.integer))
+        n = len(self.class_names)
+        for i, q in enumerate(queries or []) if n else []:
+            if any(not 0 <= c < n for c in q):
+                raise InputError(f"classes[{i}] = {q}: class indices must lie in 0..{n - 1} "
+                                 f"(this {self.registry_name or type(self).__name__} has {n} classes)")
+        return queries
 
     def image_meta(self, meta: Sequence[ImageMeta] | None, batch: int) -> list[ImageMeta] | None:
         """Check the ``meta`` argument: None, or one ``ImageMeta`` per image."""
