@@ -12,8 +12,11 @@ from torch import nn
 from wsolbench.datasets.base import Sample, WSOLDataset
 from wsolbench.datasets.synthetic import CLASS_NAMES, render_scene
 from wsolbench.localizer import InputError
-from wsolbench.methods.cam.method import (CAM, MissingWeightsError, build_cam_net, load_imagenet, recipe_config,
-                                   resolve_imagenet_weights)
+from wsolbench.methods.cam.loading import IMAGENET_WEIGHTS, imagenet_weights_file, load_imagenet
+from wsolbench.methods.cam.method import CAM
+from wsolbench.methods.cam.model import build_cam_net
+from wsolbench.methods.cam.recipes import recipe_config, recipe_file
+from wsolbench.weights import CATALOGUE, MissingWeightsError
 
 SMALL = {"backbone": "tiny", "pretrained": None, "input_size": 64, "head_channels": 16,
          "tiny": {"widths": [8, 16], "strides": [2, 2], "convs_per_stage": 1},
@@ -159,7 +162,7 @@ def test_multi_label_training_uses_soft_margin(tmp_path):
                                                  ("inceptionv3", False, 4)])
 def test_wsol_backbones_feature_resolution(backbone, large, side):
     """At 224 px these give 14×14 (28×28 with large_feature_map); at 64 px 4×4 (8×8)."""
-    net = build_cam_net({"backbone": backbone, "large_feature_map": large}, num_classes=3).eval()
+    net = build_cam_net(CAM.complete_config({"backbone": backbone, "large_feature_map": large}), num_classes=3).eval()
     with torch.no_grad():
         logits, feats = net.forward_with_features(torch.randn(1, 3, 64, 64))
     assert logits.shape == (1, 3) and feats.shape[-2:] == (side, side)
@@ -168,11 +171,11 @@ def test_wsol_backbones_feature_resolution(backbone, large, side):
 
 def test_imagenet_weights_load_and_missing_file_message(isolated_env):
     with pytest.raises(MissingWeightsError) as exc:
-        resolve_imagenet_weights("resnet50", "imagenet")
+        imagenet_weights_file("resnet50", "imagenet")
     msg = str(exc.value)
     assert "resnet50-0676ba61.pth" in msg and str(isolated_env / "weights") in msg and "fetch" in msg
     with pytest.raises(MissingWeightsError, match="nope.pth"):
-        resolve_imagenet_weights("vgg16", str(isolated_env / "nope.pth"))
+        imagenet_weights_file("vgg16", str(isolated_env / "nope.pth"))
 
     from torchvision.models import resnet50
 
@@ -180,10 +183,12 @@ def test_imagenet_weights_load_and_missing_file_message(isolated_env):
     wdir = isolated_env / "weights"
     wdir.mkdir()
     torch.save(tv.state_dict(), wdir / "resnet50-0676ba61.pth")
-    path = resolve_imagenet_weights("resnet50", "imagenet")
+    path = imagenet_weights_file("resnet50", "imagenet")
     assert path == wdir / "resnet50-0676ba61.pth"
-    net = build_cam_net({"backbone": "resnet50", "large_feature_map": True}, num_classes=2)
-    keys = load_imagenet(net, "resnet50", path)
+    assert imagenet_weights_file("resnet50", str(wdir)) == path  # an explicit folder, read by weights.resolve
+    assert set(CAM.pretrained) == set(IMAGENET_WEIGHTS.values()) <= set(CATALOGUE)  # what the class declares
+    net = build_cam_net(CAM.complete_config({"backbone": "resnet50", "large_feature_map": True}), num_classes=2)
+    keys = load_imagenet(net, "resnet50", path, classifier=False)
     assert "layer4.2.conv3.weight" in keys and "fc.weight" not in keys
     assert torch.equal(net.backbone.layer3[0].conv2.weight, tv.layer3[0].conv2.weight)
     assert net.backbone.layer3[0].conv2.stride == (1, 1)  # the stride change survives loading
@@ -215,7 +220,7 @@ def test_a_saved_cam_is_never_taken_for_imagenet_weights(scenes, tmp_path):
     both keys at once, or a finetune_from without a saved model, are refused too."""
     CAM(SMALL, class_names=list("abcd")).save(tmp_path / "imagenet")
     with pytest.raises(ValueError, match=r"is a saved wsolbench model.*set finetune_from="):
-        resolve_imagenet_weights("vgg16", str(tmp_path / "imagenet"))
+        imagenet_weights_file("vgg16", str(tmp_path / "imagenet"))
     both = CAM({**SMALL, "pretrained": "imagenet", "finetune_from": str(tmp_path / "imagenet")})
     with pytest.raises(ValueError, match="both set"):
         both.fit(scenes, progress=False)
@@ -231,12 +236,12 @@ def test_ilsvrc_resnet50_keeps_the_imagenet_classifier(tmp_path):
     tv = resnet50(weights=None)
     torch.nn.init.normal_(tv.fc.weight)
     torch.save(tv.state_dict(), tmp_path / "r50.pth")
-    net = build_cam_net({"backbone": "resnet50"}, num_classes=1000)
+    net = build_cam_net(CAM.complete_config({"backbone": "resnet50"}), num_classes=1000)
     keys = load_imagenet(net, "resnet50", tmp_path / "r50.pth", classifier=True)
     assert "fc.weight" in keys and torch.equal(net.fc.weight, tv.fc.weight) and torch.equal(net.fc.bias, tv.fc.bias)
     with pytest.raises(ValueError, match="needs the 1000 ILSVRC classes"):
-        load_imagenet(build_cam_net({"backbone": "resnet50"}, num_classes=200), "resnet50", tmp_path / "r50.pth",
-                      classifier=True)
+        load_imagenet(build_cam_net(CAM.complete_config({"backbone": "resnet50"}), num_classes=200), "resnet50",
+                      tmp_path / "r50.pth", classifier=True)
     assert recipe_config("resnet50", "ilsvrc")["pretrained_classifier"] is True  # the ILSVRC ResNet50 recipe
     assert recipe_config("resnet50", "cub")["pretrained_classifier"] is False
     assert recipe_config("vgg16", "ilsvrc")["pretrained_classifier"] is False
@@ -247,8 +252,6 @@ def test_ilsvrc_resnet50_keeps_the_imagenet_classifier(tmp_path):
 def test_every_backbone_dataset_recipe_resolves_with_its_sources(backbone, dataset):
     """Each recipe file sets its backbone, states a source for each value, and sits between the dataset overlay
     and the user's --set."""
-    from wsolbench.methods.cam.method import recipe_file
-
     cfg = recipe_config(backbone, dataset, ["train.seed=3"])
     assert cfg["backbone"] == backbone and cfg["train"]["seed"] == 3
     assert cfg["large_feature_map"] is (backbone != "vgg16")

@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 
 from wsolbench.config import load_method_config
-from wsolbench.methods.cam.method import CAM, recipe_config
+from wsolbench.methods.cam.method import CAM
+from wsolbench.methods.cam.recipes import recipe_config
 from wsolbench.metrics import max_box_acc, prepare_map
 from wsolbench.metrics.boxes import image_best_iou
 
