@@ -26,6 +26,7 @@ def _num_queries(method: Localizer, classes, texts, batch: int) -> int:
 
 
 def _query_classes(method: Localizer, classes, batch: int, k: int) -> list[list[int]] | None:
+    """The class of each map: the queried ones, every class when none is given, None without class names."""
     if classes is not None:
         return method.class_queries(classes, batch)
     return [list(range(k))] * batch if method.class_names else None
@@ -42,8 +43,8 @@ class CenterPrior(Localizer):
                  texts: Sequence[Any] | None = None, meta: Sequence[ImageMeta] | None = None) -> LocalizerOutput:
         batch = len(as_image_list(images))
         k = _num_queries(self, classes, texts, batch)
-        res = int(self.config.get("resolution", 56))
-        sigma = float(self.config.get("sigma", 0.25)) * res
+        res = int(self.config["resolution"])
+        sigma = float(self.config["sigma"]) * res
         axis = torch.arange(res, dtype=torch.float32) - (res - 1) / 2
         g = torch.exp(-(axis[:, None] ** 2 + axis[None, :] ** 2) / (2 * sigma**2))
         maps = g.expand(batch, k, res, res).clone()
@@ -61,8 +62,8 @@ class RandomMap(Localizer):
                  texts: Sequence[Any] | None = None, meta: Sequence[ImageMeta] | None = None) -> LocalizerOutput:
         imgs = as_image_list(images)
         k = _num_queries(self, classes, texts, len(imgs))
-        res = int(self.config.get("resolution", 14))
-        seed = int(self.config.get("seed", 0))
+        res = int(self.config["resolution"])
+        seed = int(self.config["seed"])
         maps = []
         for i, img in enumerate(imgs):
             pixels = (to_float_chw(img, i) * 255).to(torch.uint8).numpy().tobytes()
