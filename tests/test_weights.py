@@ -111,6 +111,14 @@ def test_explicit_path_wins_and_is_checked(env, tmp_path):
     assert W.resolve("vgg16", path=f) == f
 
 
+def test_a_relative_explicit_path_is_read_from_the_current_folder_then_the_weights_dir(env, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    in_dir = _touch(env / "weights" / "mine" / "vgg.pth")
+    assert W.resolve("vgg16", path="mine/vgg.pth") == in_dir
+    here = _touch(tmp_path / "mine" / "vgg.pth")
+    assert W.resolve("vgg16", path="mine/vgg.pth") == Path("mine/vgg.pth") and here.is_file()
+
+
 def test_weights_dir_by_name_by_repo_and_flat_file(env):
     assert W.find("sd-v1-4")[0] is None
     repo_named = _fake_sd(env / "weights" / "stable-diffusion-v1-4")

@@ -6,7 +6,7 @@ in its package (``methods/<name>/weights.yaml``); a method's class names those i
 (``Localizer.pretrained``; :func:`users` inverts that). Resolution is offline and goes, in order:
 
 1. an explicit path (a method config's ``weights.<name>`` / ``path=`` argument): a folder holding the
-   expected files, or the weights file itself;
+   expected files, or the weights file itself; a relative one from the current folder, else from 2.'s dir;
 2. ``WSOLBENCH_WEIGHTS`` (or ``weights_dir`` in the user config): ``<dir>/<name>/`` (e.g.
    ``<dir>/sd-v1-4/unet/...``), ``<dir>/<repo name>/`` (e.g. ``<dir>/stable-diffusion-v1-4/``), or a file
    with the expected name directly in ``<dir>`` (e.g. ``<dir>/vgg16-397923af.pth``);
@@ -333,10 +333,16 @@ def find(name: str, path: str | os.PathLike | None = None) -> tuple[Path | None,
     """(resolved path or None, the locations searched) for catalogue model ``name``."""
     spec = _spec(name)
     searched: list[str] = []
-    if path is not None:
-        p = Path(path).expanduser()
-        searched.append(f"{p} (explicit path)")
-        return _check_candidate(p, spec), searched
+    if path is not None:  # a relative path: from the current folder, else from the weights dir
+        from .paths import weights_dir
+
+        p, wdir = Path(path).expanduser(), weights_dir()
+        for cand in [p] + ([wdir / p] if wdir is not None and not p.is_absolute() else []):
+            searched.append(f"{cand} (explicit path)")
+            hit = _check_candidate(cand, spec)
+            if hit is not None:
+                return hit, searched
+        return None, searched
     for label, cand in _candidates(spec):
         if label == "huggingface cache":
             searched.append(f"{cand} ({label}, offline)")
