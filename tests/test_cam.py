@@ -85,8 +85,11 @@ def test_single_label_shapes_and_class_order():
     assert [c[0] for c in pred.classes] == pred.logits.argmax(1).tolist()
     by_class = m.localize(imgs, classes=[c[0] for c in pred.classes])
     torch.testing.assert_close(pred.maps, by_class.maps)
-    with pytest.raises(InputError, match="out of range"):
+    with pytest.raises(InputError, match=r"must lie in 0\.\.3"):  # Localizer.class_queries, from the class names
         m.localize(imgs, classes=[0, 1, 7])
+    unnamed = CAM({**SMALL, "num_classes": 4})  # no class names: the classifier's size bounds the indices
+    with pytest.raises(InputError, match="out of range for a CAM model with 4 classes"):
+        unnamed.localize(imgs, classes=[0, 1, 7])
     with pytest.raises(InputError, match="phrase"):
         m.localize(imgs, texts=["a star"] * 3)
 
