@@ -38,3 +38,75 @@ def test_declared_attributes_read_without_import_match_the_class(name):
     cls = get_method_class(name)
     for attr in DECLARED:
         assert METHODS.declared(name, attr) == getattr(cls, attr), f"{name}.{attr}"
+
+
+# ---- the checker catches what it is for: the toy plugin keeps the contract, and each way of breaking it is named
+@pytest.fixture
+def toy(monkeypatch):
+    """The plugin test's toy class (tests/plugin_toy/toy_wsol), registered as "toy" for this test only."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "plugin_toy"))
+    from toy_wsol.method import ToyConv
+
+    METHODS.names()  # built-ins and entry points loaded into the table the scratch copy starts from
+    monkeypatch.setattr(METHODS, "_entries", dict(METHODS._entries))
+    METHODS.register("toy", ToyConv)
+    monkeypatch.setattr(ToyConv, "registry_name", "toy", raising=False)
+    return ToyConv
+
+
+def test_the_toy_plugin_keeps_the_contract(toy, tmp_path):
+    check_localizer(toy, micro_config("toy"), tmp_dir=tmp_path)
+
+
+def _broken(base: type, how: str) -> type:
+    """``base`` with one contract break ``how``."""
+    import torch
+
+    from wsolbench.localizer import Capability
+
+    class Broken(base):
+        capabilities = base.capabilities | ({Capability.PHRASE} if how == "claims phrases" else set())
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if how == "loses its state":  # a state the checkpoint does not hold (as training would leave)
+                torch.nn.init.normal_(self.model.weight)
+
+        def state_dict(self):
+            return {} if how == "loses its state" else super().state_dict()
+
+        def load_state_dict(self, state):
+            if how != "loses its state":
+                super().load_state_dict(state)
+
+        def localize(self, images, classes=None, texts=None, meta=None):
+            if how == "ignores texts":
+                texts = None
+            if how == "wraps class indices" and classes is not None:
+                classes = [c % len(self.class_names) if isinstance(c, int) else c for c in classes]
+            out = super().localize(images, classes, texts, meta)
+            if how == "float64 maps":
+                out.maps = out.maps.double()
+            if how == "misnames classes":
+                out.classes = [[(c + 1) % len(self.class_names) for c in q] for q in out.classes]
+            if how == "adds noise":
+                out.maps = out.maps + torch.rand_like(out.maps)
+            return out
+
+    return Broken
+
+
+@pytest.mark.parametrize("how, message", [
+    ("float64 maps", "maps must be a float32 tensor B×K×h×w"),
+    ("misnames classes", r"classes \[\[1\], \[2\]\] are not the queried \[\[0\], \[1\]\]"),
+    ("adds noise", r"two identical single calls \(determinism\): maps differ"),
+    ("loses its state", r"save then load \(round trip\): maps differ"),
+    ("wraps class indices", r"classes=\[3, 0\] \(3 classes, 2 images\) was accepted"),
+    ("ignores texts", r"localize\(texts=.*\) without the 'phrase' capability was accepted"),
+    ("claims phrases", r"phrase texts=.*: 1 texts per image gave 3 maps"),  # declared, but texts are ignored
+])
+def test_the_checker_names_each_break_of_the_contract(toy, tmp_path, how, message):
+    with pytest.raises(AssertionError, match=message):
+        check_localizer(_broken(toy, how), micro_config("toy"), tmp_dir=tmp_path)

@@ -1,6 +1,7 @@
-"""README "Adding a method", followed literally by a third party: a toy method package in a temp folder,
-registered through an entry point in the group ``wsolbench.methods``, keeps the ``wsolbench.testing`` contract,
-runs through ``wsolbench run`` and appears on ``wsolbench leaderboard``.
+"""README "Adding a method", followed literally by a third party: the toy method package ``tests/plugin_toy/
+toy_wsol`` (one folder: ``method.py`` with the class, ``configs/toy.yaml`` with its only defaults), copied into a
+temp folder and registered through an entry point in the group ``wsolbench.methods``, keeps the
+``wsolbench.testing`` contract, runs through ``wsolbench run`` and appears on ``wsolbench leaderboard``.
 
 The package is made visible as ``pip install`` would: the folder on the path beside a ``*.dist-info`` whose
 ``entry_points.txt`` holds the entry point (what pip writes from the package's pyproject.toml), in a fresh
@@ -11,47 +12,14 @@ from __future__ import annotations
 import csv
 import io
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-# the method package (one folder): method.py with the class, configs/toy.yaml with its only defaults
-TOY_METHOD = '''"""Toy: a seeded random 1x1 convolution from RGB to one map per class (the recipe's example, not a method)."""
-import torch
-
-from wsolbench.localizer import Capability, InputError, Localizer, LocalizerOutput
-
-
-class ToyConv(Localizer):
-    """Maps = a seeded 1x1 convolution of the resized image, one channel per class."""
-
-    capabilities = frozenset({Capability.SINGLE, Capability.MULTI})
-    pretrained = ()  # no pretrained model
-    in_demo = False  # `wsolbench demo` leaves it out
-
-    def __init__(self, config=None, class_names=None, device="cpu"):
-        super().__init__(config, class_names, device)  # self.config: configs/toy.yaml completed with `config`
-        torch.manual_seed(self.config["seed"])
-        self.model = torch.nn.Conv2d(3, max(1, len(self.class_names)), 1)  # saved and loaded by the base class
-
-    def localize(self, images, classes=None, texts=None, meta=None):
-        if texts is not None:
-            self.require(Capability.PHRASE)  # the documented InputError
-        x = self.preprocess(images, size=self.config["size"])
-        c = len(self.class_names)
-        queries = self.class_queries(classes, len(x)) or [list(range(c))] * len(x)
-        if any(not 0 <= q < c for qs in queries for q in qs):
-            raise InputError(f"class indices must be in [0, {c}), got {queries}")
-        with torch.no_grad():
-            maps = self.model(x)
-        idx = torch.tensor(queries)[:, :, None, None].expand(-1, -1, *maps.shape[-2:])
-        return LocalizerOutput(maps=maps.gather(1, idx).float(), classes=queries)
-'''
-TOY_CONFIG = """size: 32   # input side (pixels): small, the toy has no receptive field to speak of
-seed: 0    # initialises the 1x1 convolution
-"""
+TOY = Path(__file__).parent / "plugin_toy" / "toy_wsol"
 # what `pip install` writes for a package whose pyproject.toml says
 #   [project.entry-points."wsolbench.methods"]
 #   toy = "toy_wsol.method:ToyConv"
@@ -63,10 +31,7 @@ def toy_env(tmp_path_factory) -> dict[str, str]:
     """An environment whose interpreters see the toy package and its entry point, with their own data/cache."""
     root = tmp_path_factory.mktemp("plugin")
     site = root / "site"
-    (site / "toy_wsol" / "configs").mkdir(parents=True)
-    (site / "toy_wsol" / "__init__.py").write_text("")
-    (site / "toy_wsol" / "method.py").write_text(TOY_METHOD)
-    (site / "toy_wsol" / "configs" / "toy.yaml").write_text(TOY_CONFIG)
+    shutil.copytree(TOY, site / TOY.name, ignore=shutil.ignore_patterns("__pycache__"))
     dist = site / "toy_wsol-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-wsol\nVersion: 0.1\n")

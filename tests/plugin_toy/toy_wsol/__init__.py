@@ -1,0 +1,1 @@
+"""A toy wsolbench method package: what README's "Adding a method" asks for, used by the plugin tests."""
