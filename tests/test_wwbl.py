@@ -18,6 +18,9 @@ from wsolbench.classnames import class_text  # noqa: E402
 from wsolbench.datasets.base import Phrase, Sample, WSOLDataset  # noqa: E402
 
 wwbl = pytest.importorskip("wsolbench.methods.wwbl.method")
+from wsolbench.config import merge, method_schema  # noqa: E402
+from wsolbench.methods.wwbl import data, losses, model, open_world  # noqa: E402
+from wsolbench.methods.wwbl.clip_teacher import build_clip  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -35,7 +38,7 @@ def micro_config(mode: str = "grounding", **over) -> dict:
                   "max_steps_per_epoch": 2, "val_limit": 2, "num_workers": 0},
         "open": {"proposal_size": 48, "selective_search": "single", "max_proposals": 12},
     }
-    return wwbl._deep_merge(wwbl.default_config(), wwbl._deep_merge(cfg, over))
+    return wwbl.WWbL.complete_config(merge(cfg, over, schema=None))  # the schema YAML fills the rest
 
 
 def scene(colour=(220, 30, 30), box=(8, 12, 30, 34), size=(48, 40)) -> Image.Image:
@@ -69,7 +72,7 @@ def test_text_conditioned_g_range_and_shapes():
     from wsolbench.zoo import create_backbone
 
     feats = create_backbone("vgg", "micro").features[:23]
-    g = wwbl.TextConditionedG(feats, feat_channels=16, text_dim=32, mid_channels=8).eval()
+    g = model.TextConditionedG(feats, feat_channels=16, text_dim=32, mid_channels=8, head_activation="relu").eval()
     x = torch.randn(3, 3, 40, 56)
     z = F.normalize(torch.randn(3, 32), dim=-1)
     with torch.no_grad():
@@ -89,9 +92,9 @@ def test_text_conditioned_g_range_and_shapes():
 def test_unet_g_range_and_shapes():
     from wsolbench.zoo import create_backbone
 
-    enc = wwbl.SequentialTaps(create_backbone("vgg", "micro").features)
+    enc = model.SequentialTaps(create_backbone("vgg", "micro").features)
     assert enc.taps == [3, 4, 8, 15, 22, 29]  # relu1_2, pool1, relu2_2, relu3_3, relu4_3, relu5_3 (VGG16Net)
-    g = wwbl.UNetG(enc, wwbl.feature_channels(enc, 32)).eval()
+    g = model.UNetG(enc, model.feature_channels(enc, 32)).eval()
     assert len(g.ups) == 5
     with torch.no_grad():
         m = g(torch.randn(2, 3, 64, 96))
@@ -101,7 +104,7 @@ def test_unet_g_range_and_shapes():
 def test_unet_over_vgg16_is_the_official_skip_decoder():
     """base.SkipDecoder over VGG16Net's taps: bottleneck 512→512, then up1..up5 with (in, out) channels
     (512+512, 512), (512+256, 256), (256+128, 128), (128+64, 64) without upsampling, (64+64, 1) raw."""
-    g = wwbl.build_g(micro_config("wsol", unet={"backbone": "vgg16", "probe_size": 32}), 32)
+    g = model.build_g(micro_config("wsol", unet={"backbone": "vgg16", "probe_size": 32}), 32)
     assert g.E.taps == [3, 4, 8, 15, 22, 29]
     assert (g.bottleneck.conv1.in_channels, g.bottleneck.conv1.out_channels) == (512, 512)
     assert [(u.conv1.in_channels, u.conv1.out_channels) for u in g.ups] == \
@@ -113,7 +116,8 @@ OFFICIAL_CONVS = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21)
 
 
 def _official_like_g():
-    return wwbl.TextConditionedG(wwbl.vgg16_features()[:23], 512, text_dim=512, mid_channels=512)
+    return model.TextConditionedG(model.vgg16_features()[:23], 512, text_dim=512, mid_channels=512,
+                                  head_activation="relu")
 
 
 def test_official_state_dict_keys_load(tmp_path):
@@ -136,7 +140,7 @@ def test_official_state_dict_keys_load(tmp_path):
     path = tmp_path / "wwbl_state_dict.pth"
     torch.save(official, path)
     fresh = _official_like_g()
-    loaded = wwbl.load_official_into(fresh, path)
+    loaded = model.load_official_into(fresh, path)
     assert len(loaded.loaded) == len(expected)
     assert torch.equal(fresh.state_dict()["D.up0.conv2.weight"], official["module.D.up0.conv2.weight"])
     # the authors' file pickles the whole DataParallel module: the stub unpickler reads its tensors, runs no code
@@ -144,18 +148,18 @@ def test_official_state_dict_keys_load(tmp_path):
     pickled = tmp_path / "net_best.pth"
     torch.save(torch.nn.DataParallel(g), pickled)
     again = _official_like_g()
-    report = wwbl.load_official_into(again, pickled)
+    report = model.load_official_into(again, pickled)
     assert len(report.loaded) == len(expected) and not report.missing and not report.unexpected
     for k, v in again.state_dict().items():
         assert torch.equal(v, fresh.state_dict()[k]), k
     torch.save(torch.nn.Linear(2, 2), tmp_path / "other.pth")  # a pickled module of something else
     with pytest.raises(ValueError, match="not in the file"):
-        wwbl.load_official_into(fresh, tmp_path / "other.pth")
+        model.load_official_into(fresh, tmp_path / "other.pth")
     bad = dict(official)
     bad.pop("module.D.up1.BN2.weight")
     torch.save(bad, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match=r"D\.up1\.BN2\.weight"):
-        wwbl.load_official_into(fresh, tmp_path / "bad.pth")
+        model.load_official_into(fresh, tmp_path / "bad.pth")
 
 
 # ------------------------------------------------------------------------------------------------ losses
@@ -186,7 +190,7 @@ def test_each_loss_moves_the_map_the_right_way(variant, term):
 
     def objective(th):
         m = torch.sigmoid(th)
-        return m, wwbl.wwbl_losses(m, r, _embed(img * m), _embed(img * (1 - m)), z_t, variant, weights)
+        return m, losses.wwbl_losses(m, r, _embed(img * m), _embed(img * (1 - m)), z_t, variant, weights)
 
     m0, out = objective(theta)
     (grad,) = torch.autograd.grad(out["loss"], theta)
@@ -202,15 +206,17 @@ def test_each_loss_moves_the_map_the_right_way(variant, term):
         assert float(m1[~obj].mean()) < float(m0[~obj].mean())
 
 
+PAPER_WEIGHTS = {"fore": 1.0, "back": 1.0, "rmap": 4.0, "reg": 1.0}  # the paper: 1, 1, 4, 1
+OFFICIAL_WEIGHTS = {"fore": 0.25, "back": 0.5, "rmap": 16.0, "reg": 0.25}  # train_grounding.py
+
+
 def test_paper_and_official_weights():
-    assert wwbl.DEFAULT_LOSS_WEIGHTS["paper"] == {"fore": 1.0, "back": 1.0, "rmap": 4.0, "reg": 1.0}
-    assert wwbl.DEFAULT_LOSS_WEIGHTS["official"] == {"fore": 0.25, "back": 0.5, "rmap": 16.0, "reg": 0.25}
-    cfg = wwbl.default_config()
-    assert cfg["loss"]["weights"]["paper"] == wwbl.DEFAULT_LOSS_WEIGHTS["paper"]
-    assert cfg["loss"]["weights"]["official"] == wwbl.DEFAULT_LOSS_WEIGHTS["official"]
+    cfg = method_schema("wwbl")
+    assert cfg["loss"]["weights"]["paper"] == PAPER_WEIGHTS
+    assert cfg["loss"]["weights"]["official"] == OFFICIAL_WEIGHTS
     with pytest.raises(ValueError):
-        wwbl.wwbl_losses(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), torch.zeros(1, 3), torch.zeros(1, 3),
-                         torch.zeros(1, 3), "bogus")
+        losses.wwbl_losses(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), torch.zeros(1, 3), torch.zeros(1, 3),
+                           torch.zeros(1, 3), "bogus", PAPER_WEIGHTS)
 
 
 def test_method_losses_train_g_only(method):
@@ -248,8 +254,8 @@ def test_wsol_mode_is_class_agnostic():
 
 
 def test_open_world_pipeline_returns_box_caption_pairs():
-    m = wwbl.WWbL.from_components(micro_config(), clip=wwbl.build_clip(micro_config(), "cpu"),
-                                  g=wwbl.build_g(micro_config(), 32), captioner=colour_captioner)
+    m = wwbl.WWbL.from_components(micro_config(), clip=build_clip(micro_config(), "cpu"),
+                                  g=model.build_g(micro_config(), 32), captioner=colour_captioner)
     img = scene()
     out = m.localize([img])
     assert len(out.boxes) == 1 and len(out.captions) == 1
@@ -308,18 +314,18 @@ class _FakeBlip:
 
 def test_blip_captions_use_the_official_prompt_and_beam():
     cfg = micro_config(captioner={"prompt": "a picture of ", "num_beams": 3, "min_length": 5, "max_length": 30})
-    model, processor = _FakeBlip(), _FakeBlipProcessor()
-    m = wwbl.WWbL.from_components(cfg, clip=wwbl.build_clip(cfg, "cpu"), g=wwbl.build_g(cfg, 32),
-                                  captioner=(model, processor))
+    blip, processor = _FakeBlip(), _FakeBlipProcessor()
+    m = wwbl.WWbL.from_components(cfg, clip=build_clip(cfg, "cpu"), g=model.build_g(cfg, 32),
+                                  captioner=(blip, processor))
     caps = m.caption_crops([scene(), scene()])
     assert caps == ["a red square on grass"] * 2  # the prompt is stripped, as BLIP's generate does
-    assert processor.text == ["a picture of "] * 2 and "input_ids" in model.kwargs
-    assert (model.kwargs["num_beams"], model.kwargs["min_length"], model.kwargs["max_length"]) == (3, 5, 30)
-    paper = wwbl.default_config()["captioner"]
+    assert processor.text == ["a picture of "] * 2 and "input_ids" in blip.kwargs
+    assert (blip.kwargs["num_beams"], blip.kwargs["min_length"], blip.kwargs["max_length"]) == (3, 5, 30)
+    paper = method_schema("wwbl")["captioner"]
     assert (paper["prompt"], paper["num_beams"], paper["min_length"], paper["max_length"]) == \
         ("a picture of ", 3, 5, 30)
-    assert wwbl.strip_prompt("a picture of a dog", "a picture of ") == "a dog"
-    assert wwbl.strip_prompt("two dogs", "a picture of ") == "two dogs"
+    assert open_world.strip_prompt("a picture of a dog", "a picture of ") == "a dog"
+    assert open_world.strip_prompt("two dogs", "a picture of ") == "two dogs"
 
 
 def test_an_image_without_caption_cluster_is_skipped_and_counted(tmp_path):
@@ -327,7 +333,7 @@ def test_an_image_without_caption_cluster_is_skipped_and_counted(tmp_path):
     an image; wsolbench counts it, gives NaN 'open' maps (no prediction) and scores nothing for it."""
     cfg = micro_config(eval={"extras": ["open"]})
     words = iter(range(10**6))
-    m = wwbl.WWbL.from_components(cfg, clip=wwbl.build_clip(cfg, "cpu"), g=wwbl.build_g(cfg, 32),
+    m = wwbl.WWbL.from_components(cfg, clip=build_clip(cfg, "cpu"), g=model.build_g(cfg, 32),
                                   captioner=lambda crops: [f"thing number {next(words)}" for _ in crops])
     m.config["open"]["cluster_threshold"] = 1.01  # distinct captions never reach it
     res = m.open_world(scene())
@@ -335,9 +341,11 @@ def test_an_image_without_caption_cluster_is_skipped_and_counted(tmp_path):
     assert len(m.open_skipped) == 1
     out = m.localize([scene()], texts=[["a red square"]])
     assert torch.isnan(out.extras["open"]).all() and torch.isfinite(out.maps).all()
-    scores = wwbl.evaluate_wwbl_protocol(m, _Captioned(tmp_path / "d", n=2), variants=("grounding", "open"))
-    assert scores["open"]["skipped_images"] == 2 and scores["open"]["entities"] == 0
-    assert scores["grounding"]["skipped_images"] == 0 and scores["grounding"]["entities"] == 2
+    metrics, rows = harness_phrase_scores(m, _Captioned(tmp_path / "d", n=2))
+    assert len(m.open_skipped) == 3  # the scene above and both dataset images
+    assert metrics["open"]["pointing"].count == 0 and rows["open"]["pointing_game"] is None
+    assert rows["open"]["nonfinite_maps"] > 0
+    assert metrics["default"]["pointing"].count == 2 and rows["default"]["nonfinite_maps"] == 0
 
 
 def test_open_world_with_zoo_captioner_runs(method):
@@ -347,12 +355,27 @@ def test_open_world_with_zoo_captioner_runs(method):
 
 def test_phrase_extras_open_and_clip():
     cfg = micro_config(eval={"extras": ["open", "clip"]})
-    m = wwbl.WWbL.from_components(cfg, clip=wwbl.build_clip(cfg, "cpu"), g=wwbl.build_g(cfg, 32),
+    m = wwbl.WWbL.from_components(cfg, clip=build_clip(cfg, "cpu"), g=model.build_g(cfg, 32),
                                   captioner=colour_captioner)
     out = m.localize([scene()], texts=[["a red square", "grass"]])
     assert set(out.extras) == {"open", "clip"}
     for v in out.extras.values():
         assert v.shape == out.maps.shape
+
+
+def harness_phrase_scores(m, ds) -> tuple[dict, dict]:
+    """``m`` scored on ``ds`` by the harness's phrase evaluator (the one Flickr30k loop, ``wwbl-grounding``):
+    its metric objects and its rows, per map variant (default = g, open, clip)."""
+    from wsolbench.config import harness_defaults
+    from wsolbench.harness import evaluator_class
+    from wsolbench.protocols import get_protocol
+
+    protocol = get_protocol("wwbl-grounding")
+    evaluator = evaluator_class("phrases", protocol)(harness_defaults(), ds, m, protocol)
+    samples = list(ds)
+    batch, _ = evaluator.process(samples, [s.load_image() for s in samples])
+    evaluator.absorb(batch)
+    return evaluator.metrics, evaluator.compute()
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -393,7 +416,7 @@ def test_fit_selects_by_val_pointing_and_resumes(tmp_path):
 
 def test_training_text_sampling_is_deterministic(tmp_path):
     ds = _Captioned(tmp_path / "d2", n=2)
-    make = lambda: wwbl.TextImageDataset(ds.samples, lambda s: list(s.captions), resize=36, crop=32,  # noqa: E731
+    make = lambda: data.TextImageDataset(ds.samples, lambda s: list(s.captions), resize=36, crop=32,  # noqa: E731
                                          hflip=True, word_keep_prob=0.5, prefix="image of ", seed=3)
     a, b = make(), make()
     a.set_epoch(1)
@@ -402,7 +425,7 @@ def test_training_text_sampling_is_deterministic(tmp_path):
         x, y = a[i], b[i]
         assert x["text"] == y["text"] and x["text"].startswith("image of ")
         assert torch.equal(x["image"], y["image"]) and x["image"].shape == (3, 32, 32)
-    assert wwbl.drop_words("a b c", 0.0, np.random.default_rng(0)) in {"a", "b", "c"}
+    assert data.drop_words("a b c", 0.0, np.random.default_rng(0)) in {"a", "b", "c"}
 
 
 def test_save_load_roundtrip(method, tmp_path):
@@ -449,7 +472,7 @@ def test_training_recipes_by_name():
     assert _recipe_keys(mixed) == ("paper", "rollout", 0.01, 299, False)  # a value the user sets wins
     cub = wwbl.apply_recipe(load_method_config("wwbl", "paper", "cub"))
     assert _recipe_keys(cub) == ("paper", "rollout", 0.0003, 224, True)
-    assert wwbl.DEFAULT_LOSS_WEIGHTS[official["loss"]["variant"]] == official["loss"]["weights"]["official"]
+    assert official["loss"]["weights"][official["loss"]["variant"]] == OFFICIAL_WEIGHTS
     with pytest.raises(ValueError, match="recipe"):
         wwbl.apply_recipe(load_method_config("wwbl", "paper", None, ["recipe=bogus"]))
 
@@ -463,25 +486,32 @@ def test_paper_profile_without_weights_names_the_files(monkeypatch, tmp_path):
         wwbl.WWbL(cfg)
 
 
-def test_wwbl_protocol_scores_grounding_open_and_clip(tmp_path):
+def test_the_harness_scores_grounding_open_and_clip_per_entity(tmp_path):
     ds = _Captioned(tmp_path / "p", n=2)
-    cfg = micro_config()
-    m = wwbl.WWbL.from_components(cfg, clip=wwbl.build_clip(cfg, "cpu"), g=wwbl.build_g(cfg, 32),
+    cfg = micro_config(eval={"extras": ["open", "clip"]})
+    m = wwbl.WWbL.from_components(cfg, clip=build_clip(cfg, "cpu"), g=model.build_g(cfg, 32),
                                   captioner=colour_captioner)
-    res = wwbl.evaluate_wwbl_protocol(m, ds, variants=("grounding", "open", "clip"))
-    assert set(res) == {"grounding", "open", "clip"}
-    for v in res.values():
-        assert v["entities"] == 2 and 0.0 <= v["pointing_game"] <= 100.0 and 0.0 <= v["bbox_acc"] <= 100.0
+    metrics, rows = harness_phrase_scores(m, ds)
+    assert set(rows) == {"default", "open", "clip"}
+    for variant, row in rows.items():
+        assert metrics[variant]["pointing"].count == 2  # one query per (image, entity), its phrases averaged
+        assert 0.0 <= row["pointing_game"] <= 100.0 and 0.0 <= row["bbox_acc"] <= 100.0
 
 
-def test_box_rules():
+def test_box_rules(method):
     m = np.zeros((40, 50), np.float32)
     m[10:20, 5:25] = 1.0  # the large blob
     m[30:33, 40:43] = 0.8  # a small one
-    assert wwbl.largest_contour_box(m, 0.1).tolist() == [5.0, 10.0, 25.0, 20.0]
-    gb = wwbl.grounding_box(m)
-    assert gb.shape == (4,) and gb[0] <= 5 and gb[2] >= 24
-    assert wwbl.largest_contour_box(np.zeros((8, 8), np.float32)).tolist() == [0.0, 0.0, 1.0, 1.0]
+    gb = method.map_box(m, (50, 40))  # the open-world box: the grounding rule at the image's size
+    assert gb.shape == (4,) and gb.dtype == np.float32 and gb[0] <= 5 and gb[2] >= 24
+    # the WSOL box is the wwbl-cub protocol's: cubehelix gray, zero below int(0.1·max), the largest contour
+    from wsolbench.metrics.fixed_box import contour_box
+    from wsolbench.protocols import get_protocol
+
+    cub = get_protocol("wwbl-cub")
+    assert (cub.tau, cub.gray) == (0.1, "cubehelix")
+    assert contour_box(m, cub.tau, cub.gray) == (5, 10, 25, 20)
+    assert contour_box(np.zeros((8, 8), np.float32), cub.tau, cub.gray) == (0, 0, 1, 1)
 
 
 MICRO_OVERRIDES = (

@@ -83,7 +83,7 @@ def test_every_method_loads_openai_clip_through_the_one_loader(monkeypatch, tmp_
     from wsolbench.config import load_method_config
     from wsolbench.methods.mmcst import method as mmcst
     from wsolbench.methods.tedloc import method as tedloc
-    from wsolbench.methods.wwbl import method as wwbl
+    from wsolbench.methods.wwbl.clip_teacher import build_clip
 
     calls = []
 
@@ -96,7 +96,7 @@ def test_every_method_loads_openai_clip_through_the_one_loader(monkeypatch, tmp_
 
     monkeypatch.setattr(W, "load_open_clip", fake)
     with pytest.raises(Stop):
-        wwbl.build_clip(load_method_config("wwbl", "paper", "flickr30k"), "cpu")
+        build_clip(load_method_config("wwbl", "paper", "flickr30k"), "cpu")
     m = mmcst.MMCST.__new__(mmcst.MMCST)  # only clip() is exercised: no backbone is built
     m.mcfg, m._clip = load_method_config("mmcst", "paper")["model"], None
     with pytest.raises(Stop):

@@ -18,6 +18,7 @@ from PIL import Image
 
 from wsolbench.config import load_method_config
 from wsolbench.methods.wwbl import method as wwbl
+from wsolbench.methods.wwbl import model
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +52,8 @@ def official_files(fixture_dir, parity_recipe, tmp_path_factory) -> dict[str, Pa
     for name, shape in keys["grounding_int_buffers"]:
         state[name] = torch.zeros(shape, dtype=torch.int64)
     torch.save(state, out / "wwbl_state_dict.pth")
-    g = wwbl.TextConditionedG(wwbl.vgg16_features()[:23], 512, 512)
-    g.load_state_dict({wwbl.official_key(k): v for k, v in state.items()})
+    g = model.TextConditionedG(model.vgg16_features()[:23], 512, 512, mid_channels=512, head_activation="relu")
+    g.load_state_dict({model.official_key(k): v for k, v in state.items()})
     torch.save(torch.nn.DataParallel(g), out / "net_best.pth")  # what train_grounding.py saves
     torch.save(recipe.state_dict_for(keys["clip"], keys["seed"], keys["gain"]), out / "ViT-B-32.pt")
     return {"pickled": out / "net_best.pth", "state_dict": out / "wwbl_state_dict.pth", "clip": out / "ViT-B-32.pt"}
@@ -77,8 +78,8 @@ def test_the_official_files_load_exactly_through_every_public_path(method, offic
     assert isinstance(method.clip.model.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
     assert isinstance(method.clip.model.transformer.resblocks[0].mlp.gelu, QuickGELU)
     # the state-dict form loads the same tensors into a g of the same build (CLIP shared: no second 600 MB load)
-    g = wwbl.build_g(method.config, 512)
-    assert len(wwbl.load_official_into(g, official_files["state_dict"]).loaded) == 62
+    g = model.build_g(method.config, 512)
+    assert len(model.load_official_into(g, official_files["state_dict"]).loaded) == 62
     for k, v in g.state_dict().items():
         assert torch.equal(v, method.model.state_dict()[k]), k
 
