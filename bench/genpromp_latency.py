@@ -90,7 +90,8 @@ def main(argv=None) -> dict:
     import torch
 
     from wsolbench.config import load_method_config
-    from wsolbench.methods.genpromp.method import GenPromp, ModelClassifier
+    from wsolbench.methods.genpromp.classifier import ModelClassifier
+    from wsolbench.methods.genpromp.method import GenPromp
 
     if args.device == "auto":
         if not torch.cuda.is_available():

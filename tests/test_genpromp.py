@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,11 @@ from wsolbench.config import load_method_config  # noqa: E402
 from wsolbench.localizer import Capability, ImageMeta  # noqa: E402
 
 gp = importlib.import_module("wsolbench.methods.genpromp.method")
+gp_prompts = importlib.import_module("wsolbench.methods.genpromp.prompts")
+gp_inference = importlib.import_module("wsolbench.methods.genpromp.inference")
+gp_classifier = importlib.import_module("wsolbench.methods.genpromp.classifier")
+gp_train = importlib.import_module("wsolbench.methods.genpromp.train")
+gp_components = importlib.import_module("wsolbench.methods.genpromp.components")
 CLASSES = ["star", "heart", "ring"]
 MICRO_GROUPS = [{"places": ["down", "mid", "up"], "levels": [1]}, {"places": ["up"], "levels": [0]},
                 {"places": ["down"], "levels": [0]}]
@@ -92,8 +98,8 @@ def _images(n=2, seed=0):
 # ----------------------------------------------------------------------------------------------- prompts
 def test_meta_token_rule(method):
     tok = method.tokenizer
-    assert gp.select_meta_token("goldfish, Carassius auratus", tok) == "goldfish"
-    assert gp.select_meta_token("electric ray, crampfish, numbfish, torpedo", tok) == "ray"
+    assert gp_prompts.select_meta_token("goldfish, Carassius auratus", tok) == "goldfish"
+    assert gp_prompts.select_meta_token("electric ray, crampfish, numbfish, torpedo", tok) == "ray"
     assert class_text("001.Black_footed_Albatross", synonyms="all") == "Black footed Albatross"
     assert method.meta_tokens == CLASSES
 
@@ -113,10 +119,10 @@ def test_combined_embedding_arithmetic(method):
     f_r = method.class_embedding(1, "representative")
     f_c = method.class_embedding(1, "combined")
     assert torch.allclose(f_c, 0.6 * f_r + 0.4 * f_d, atol=1e-6)
-    assert torch.allclose(f_d, method.encode_texts([t.format("heart") for t in gp.TEMPLATES]).mean(0), atol=1e-6)
-    assert torch.allclose(gp.combine_embeddings(torch.ones(2), torch.zeros(2), 0.25), torch.full((2,), 0.25))
+    assert torch.allclose(f_d, method.encode_texts([t.format("heart") for t in method.config["prompts"]["templates"]]).mean(0), atol=1e-6)
+    assert torch.allclose(gp_prompts.combine_embeddings(torch.ones(2), torch.zeros(2), 0.25, "combined"), torch.full((2,), 0.25))
     with pytest.raises(ValueError):
-        gp.combine_embeddings(f_r, f_d, 0.5, "both")
+        gp_prompts.combine_embeddings(f_r, f_d, 0.5, "both")
 
 
 # ----------------------------------------------------------------------------------------------- aggregation
@@ -126,13 +132,13 @@ def test_aggregation_matches_hand_computation():
     a = torch.tensor([[[[1., 2.], [3., 4.]], [[3., 2.], [1., 0.]]]])  # Q=1, T=2: mean over T = 2 everywhere
     b = torch.tensor([[[[0., 0.], [0., 8.]], [[0., 0.], [0., 0.]]]])  # mean over T: [[0,0],[0,4]]
     c = torch.tensor([[[[4., 0.], [0., 0.]], [[0., 0.], [0., 0.]]]])  # mean over T: [[2,0],[0,0]]
-    got = gp.aggregate_maps({"a": a, "b": b, "c": c}, [[la, lb], [lc]], out_size=2)
+    got = gp_inference.aggregate_maps({"a": a, "b": b, "c": c}, [[la, lb], [lc]], out_size=2)
     group_a = (torch.full((2, 2), 2.) + torch.tensor([[0., 0.], [0., 4.]])) / 2  # [[1,1],[1,3]]
     group_c = torch.tensor([[2., 0.], [0., 0.]])
     expect = (group_a + group_c) / 2  # [[1.5, .5], [.5, 1.5]]
     assert torch.allclose(got[0], expect / expect.max())
     # resizing is bicubic, as cv2.INTER_CUBIC in the official code; max-normalised afterwards
-    big = gp.aggregate_maps({"a": a, "b": b, "c": c}, [[la, lb], [lc]], out_size=8)
+    big = gp_inference.aggregate_maps({"a": a, "b": b, "c": c}, [[la, lb], [lc]], out_size=8)
     assert big.shape == (1, 8, 8) and torch.isclose(big.max(), torch.tensor(1.))
 
 
@@ -142,7 +148,9 @@ def test_group_layers_and_errors(method):
     assert [len(g) for g in groups] == [4, 2, 1]
     assert {l.level for l in groups[0]} == {1} and {l.place for l in groups[1]} == {"up"}
     with pytest.raises(ValueError, match="matches no cross-attention layer"):
-        gp.group_layers(method.cross_layers, [{"places": ["down"], "levels": [5]}])
+        gp_inference.group_layers(method.cross_layers, [{"places": ["down"], "levels": [5]}])
+    with pytest.raises(ValueError, match="unknown key"):
+        gp_inference.group_layers(method.cross_layers, [{"places": ["down"], "level": [0]}])
 
 
 # ----------------------------------------------------------------------------------------------- inference
@@ -187,7 +195,7 @@ def test_predictions_json_classifier(tmp_path, method):
     preds = {"cls0/img0": {"pred_scores": [0.1, 0.7, 0.2]}, "x/img1.jpg": {"pred_scores": [0.9, 0.05, 0.05]}}
     path = tmp_path / "preds.json"
     path.write_text(json.dumps(preds))
-    clf = gp.PredictionsClassifier(path)
+    clf = gp_classifier.PredictionsClassifier(path)
     logits = clf(None, ["cls0/img0.png", "img1"])
     assert logits.argmax(1).tolist() == [1, 0]
     method.classifier = clf
@@ -199,6 +207,31 @@ def test_predictions_json_classifier(tmp_path, method):
         assert own.classes == [[1], [0]] and torch.allclose(own.maps[:, 0], out.maps[:, 0], atol=1e-5)
     finally:
         method.classifier = None
+
+
+def test_classifier_preprocessing_comes_from_the_config_else_the_model():
+    """classifier.input_size/mean/std: the config's, each null one from the model's pretrained_cfg; a model
+    without one is an error naming the key (no hidden ImageNet default)."""
+    model = torch.nn.Linear(1, 1)
+    model.pretrained_cfg = {"input_size": (3, 64, 64), "mean": [0.5] * 3, "std": [0.25] * 3}
+    unset = {"input_size": None, "mean": None, "std": None}
+    assert gp_classifier.preprocessing(unset, model) == (64, (0.5,) * 3, (0.25,) * 3)
+    assert gp_classifier.preprocessing({**unset, "input_size": 600, "std": [1, 1, 1]}, model) == \
+        (600, (0.5,) * 3, (1, 1, 1))
+    with pytest.raises(ValueError, match="classifier.mean"):
+        gp_classifier.preprocessing({**unset, "input_size": 32}, torch.nn.Linear(1, 1))
+
+
+def test_artefact_paths_as_given_else_under_the_weights_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("WSOLBENCH_WEIGHTS", str(tmp_path / "weights"))
+    (tmp_path / "weights" / "genpromp").mkdir(parents=True)
+    (tmp_path / "weights" / "genpromp" / "preds.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    assert gp_components.artefact_path("genpromp/preds.json") == tmp_path / "weights" / "genpromp" / "preds.json"
+    (tmp_path / "genpromp").mkdir()
+    (tmp_path / "genpromp" / "preds.json").write_text("{}")
+    assert gp_components.artefact_path("genpromp/preds.json") == Path("genpromp/preds.json")  # the CWD's first
+    assert gp_components.artefact_path("absent.json") == Path("absent.json")  # its error names the path given
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -256,7 +289,7 @@ def test_stage2_and_checkpoint_round_trip(train_set, tmp_path):
     assert report["stage2"]["steps"] == 2 and m.unet_finetuned
     assert any(not torch.equal(before[k], v) for k, v in m.unet.state_dict().items())
     assert (tmp_path / "train" / "unet" / "config.json").exists()
-    assert (tmp_path / "train" / gp.STAGE2_STATE).exists()
+    assert (tmp_path / "train" / gp_train.STAGE2_STATE).exists()
     m.save(tmp_path / "ckpt")
     for f in ("config.yaml", "model.safetensors", "tokens/49408.bin", "unet/config.json"):
         assert (tmp_path / "ckpt" / f).exists(), f
@@ -301,7 +334,6 @@ def test_paper_groups_on_the_full_size_sd14_unet():
     """The SD v1.4 U-Net (built on the meta device: no memory, no weights) under the paper's groups: the 8x8
     maps are the mid block's, 16x16 up = up_blocks.1 (3 layers), 16x16 down = down_blocks.2 (2 layers)."""
     import sys
-    from pathlib import Path
 
     from diffusers import UNet2DConditionModel
 
@@ -316,7 +348,7 @@ def test_paper_groups_on_the_full_size_sd14_unet():
         unet = UNet2DConditionModel(**SD14_UNET)
     assert sum(p.numel() for p in unet.parameters()) == 859_520_964  # SD v1.4's U-Net
     cfg = load_method_config("genpromp", profile="paper", dataset_key="cub")
-    groups = gp.group_layers(unet_attention_layers(unet), cfg["inference"]["groups"])
+    groups = gp_inference.group_layers(unet_attention_layers(unet), cfg["inference"]["groups"])
     assert [[l.name.split(".attentions")[0] for l in g] for g in groups] == [
         ["mid_block"], ["up_blocks.1"] * 3, ["down_blocks.2"] * 2]
     assert [level_size((64, 64), g[0].level) for g in groups] == [(8, 8), (16, 16), (16, 16)]

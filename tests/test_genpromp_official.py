@@ -26,6 +26,10 @@ def _sibling(name: str):
 
 
 gp = importlib.import_module("wsolbench.methods.genpromp.method")
+gp_prompts = importlib.import_module("wsolbench.methods.genpromp.prompts")
+gp_inference = importlib.import_module("wsolbench.methods.genpromp.inference")
+gp_classifier = importlib.import_module("wsolbench.methods.genpromp.classifier")
+gp_train = importlib.import_module("wsolbench.methods.genpromp.train")
 micro = _sibling("test_genpromp")
 ListDataset, micro_components, micro_config, make_method = (micro.ListDataset, micro.micro_components,
                                                             micro.micro_config, micro.make_method)
@@ -56,8 +60,8 @@ def clip_tokenizer():
 @pytest.mark.parametrize("line, official, first_only", ILSVRC_LINES)
 def test_meta_token_rule_on_real_ilsvrc_names(clip_tokenizer, line, official, first_only):
     names = line.split(None, 1)[1]
-    assert gp.select_meta_token(names, clip_tokenizer) == official
-    assert gp.select_meta_token(names.split(",")[0], clip_tokenizer) == first_only
+    assert gp_prompts.select_meta_token(names, clip_tokenizer) == official
+    assert gp_prompts.select_meta_token(names.split(",")[0], clip_tokenizer) == first_only
 
 
 def test_66_of_the_1000_classes_need_the_full_synonym_string(clip_tokenizer):
@@ -69,7 +73,7 @@ def test_66_of_the_1000_classes_need_the_full_synonym_string(clip_tokenizer):
     wnids, synonyms = table
     assert len(wnids) == 1000
     differ = [w for w, s in zip(wnids, synonyms)
-              if gp.select_meta_token(s[0], clip_tokenizer) != gp.select_meta_token(", ".join(s), clip_tokenizer)]
+              if gp_prompts.select_meta_token(s[0], clip_tokenizer) != gp_prompts.select_meta_token(", ".join(s), clip_tokenizer)]
     assert len(differ) == 66 and "n01494475" in differ
 
 
@@ -137,12 +141,12 @@ def test_harness_passes_the_synonyms_and_the_checkpoint_keeps_them(tmp_path, iso
 # --------------------------------------------------------------------------------------------- learning rates
 def test_stage2_lr_is_scaled_by_batch_accumulation_and_processes():
     ilsvrc = load_method_config("genpromp", profile="paper", dataset_key="ilsvrc")["train"]
-    assert gp.scaled_lr(ilsvrc["stage2"]) == pytest.approx(5e-8 * 2 * 32)  # one process: 3.2e-6
-    assert gp.scaled_lr({**ilsvrc["stage2"], "processes": 8}) == pytest.approx(5e-8 * 2 * 32 * 8)
-    assert gp.scaled_lr(ilsvrc["stage1"]) == pytest.approx(5e-5 * 2 * 2)
+    assert gp_train.scaled_lr(ilsvrc["stage2"]) == pytest.approx(5e-8 * 2 * 32)  # one process: 3.2e-6
+    assert gp_train.scaled_lr({**ilsvrc["stage2"], "processes": 8}) == pytest.approx(5e-8 * 2 * 32 * 8)
+    assert gp_train.scaled_lr(ilsvrc["stage1"]) == pytest.approx(5e-5 * 2 * 2)
     cub = load_method_config("genpromp", profile="paper", dataset_key="cub")["train"]
-    assert gp.scaled_lr(cub["stage2"]) == 5e-6  # configs/cub_stage2.yml: scale_lr False
-    assert gp.scaled_lr(cub["stage1"]) == pytest.approx(5e-5 * 4 * 1)
+    assert gp_train.scaled_lr(cub["stage2"]) == 5e-6  # configs/cub_stage2.yml: scale_lr False
+    assert gp_train.scaled_lr(cub["stage1"]) == pytest.approx(5e-5 * 4 * 1)
     assert (cub["stage2"]["checkpoint_step"], ilsvrc["stage2"]["checkpoint_step"]) == (239, 599)
 
 
@@ -155,7 +159,7 @@ def test_stage2_trains_to_the_kept_step_at_the_scaled_lr(tmp_path):
     report = make_method(cfg).fit(imgs, out_dir=tmp_path / "train", progress=False)["stage2"]
     assert report["steps"] == 2 and report["max_steps"] == 3
     assert report["lr"] == pytest.approx(1e-5 * 2 * 2 * 3)
-    assert torch.load(tmp_path / "train" / gp.STAGE2_STATE, weights_only=True)["step"] == 2
+    assert torch.load(tmp_path / "train" / gp_train.STAGE2_STATE, weights_only=True)["step"] == 2
     cfg["train"]["stage2"]["checkpoint_step"] = 4
     with pytest.raises(ValueError, match="checkpoint_step"):
         make_method(cfg).fit(imgs, progress=False)
@@ -185,7 +189,7 @@ def official_stage1(m, train_set) -> torch.Tensor:
     from wsolbench.training import seed_everything
 
     st, seed = m.config["train"]["stage1"], int(m.config["train"]["seed"])
-    lr = gp.scaled_lr(st)
+    lr = gp_train.scaled_lr(st)
     table = nn.Embedding.from_pretrained(m.concepts.weight.detach().clone(), freeze=False)
     m.text_encoder.set_input_embeddings(table)
     by_class = [[i for i, s in enumerate(train_set) if s.label == c] for c in range(len(m.class_names))]
@@ -240,7 +244,7 @@ def test_pixels_are_pil_bicubic_on_uint8():
     img = rng.integers(0, 255, (30, 47, 3), dtype=np.uint8)
     expect = np.asarray(Image.fromarray(img).resize((64, 64), Image.BICUBIC)).astype(np.float64) / 127.5 - 1
     for given in (img, Image.fromarray(img), torch.from_numpy(img).permute(2, 0, 1), img / 255.0):
-        got = gp.official_pixels(given, 64)
+        got = gp_inference.official_pixels(given, 64)
         assert got.dtype == torch.float32 and got.shape == (3, 64, 64)
         assert np.array_equal(got.permute(1, 2, 0).numpy(), expect.astype(np.float32))
 
@@ -251,7 +255,7 @@ def test_predictions_json_refuses_to_drop_top1(tmp_path):
     path = tmp_path / "preds.json"
     path.write_text(json.dumps({"001.A/img0": {"pred_scores": [0.1, 0.7, 0.2]}}))
     m = make_method()
-    m.classifier = gp.PredictionsClassifier(path)
+    m.classifier = gp_classifier.PredictionsClassifier(path)
     imgs = [np.zeros((16, 16, 3), np.uint8)]
     with pytest.raises(InputError, match="image id"):
         m.localize(imgs, classes=[0])  # no meta: Top-1/Top-5 would be silently missing

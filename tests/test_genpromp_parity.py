@@ -89,7 +89,7 @@ def _images(fixture_dir, inputs):
 
 
 def _feed(method, **draws):
-    from wsolbench.methods.genpromp.method import LatentDraws
+    from wsolbench.methods.genpromp.inference import LatentDraws
 
     method.draws = lambda pixels: LatentDraws(**draws)
 
@@ -104,7 +104,7 @@ def test_text_embeddings_match(method, official):
 
 def test_layer_group_and_final_maps_from_the_official_latents(method, official, fixture_dir):
     """Same z0 and noise as the official run: each layer's map per timestep, each group map, the final map."""
-    from wsolbench.methods.genpromp.method import group_maps
+    from wsolbench.methods.genpromp.inference import group_maps
 
     expected, draws, inputs = official
     classes = [im["class_id"] for im in inputs]
@@ -145,7 +145,7 @@ def test_end_to_end_from_the_images(method, official, fixture_dir):
 def test_the_comparison_catches_a_slip(method, official, section, key, slip):
     """The tolerance separates the official recipe from a one-setting slip (README: 0.07 to 0.59 apart; a
     changed combine ratio or template already fails the f_c comparison)."""
-    from wsolbench.methods.genpromp.method import aggregate_maps
+    from wsolbench.methods.genpromp.inference import aggregate_maps
 
     expected, draws, inputs = official
     before = method.config[section][key]
