@@ -344,7 +344,7 @@ def test_an_image_without_caption_cluster_is_skipped_and_counted(tmp_path):
     metrics, rows = harness_phrase_scores(m, _Captioned(tmp_path / "d", n=2))
     assert len(m.open_skipped) == 3  # the scene above and both dataset images
     assert metrics["open"]["pointing"].count == 0 and rows["open"]["pointing_game"] is None
-    assert rows["open"]["nonfinite_maps"] > 0
+    assert rows["open"]["nonfinite_maps"] == 4  # no prediction: 2 images x their entity's 2 phrase maps
     assert metrics["default"]["pointing"].count == 2 and rows["default"]["nonfinite_maps"] == 0
 
 
