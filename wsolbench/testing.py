@@ -54,15 +54,20 @@ def sample_images(n: int = 2, size: tuple[int, int] = (48, 40), seed: int = 0) -
 
 def check_localizer(cls: type[Localizer], config: dict | None = None,
                     class_names: Sequence[str] = CLASS_NAMES, *, tmp_dir: str | Path | None = None,
-                    images: Sequence[Any] | None = None) -> None:
+                    images: Sequence[Any] | None = None, fit_data: Any = None) -> None:
     """Assert the ``Localizer`` contract for ``cls`` built from ``config`` (default :func:`micro_config` of its
-    registered name) with ``class_names``; ``tmp_dir`` receives the saved method (default: a temporary dir)."""
+    registered name) with ``class_names``; ``tmp_dir`` receives the saved method (default: a temporary dir).
+    ``fit_data`` (a dataset of ``Sample``): a method that ``needs_training`` is fitted on it first, so the
+    checks (the save/load round trip above all) see a trained state."""
     name = getattr(cls, "registry_name", "") or cls.__name__
     _check_class_attributes(cls, name)
     if config is None:
         config = micro_config(cls.registry_name)
     method = cls.from_config(config, class_names=list(class_names))
     _expect(isinstance(method, cls), name, f"from_config returned {type(method).__name__}, not {cls.__name__}")
+    if fit_data is not None and cls.needs_training:
+        with tempfile.TemporaryDirectory(dir=tmp_dir) as tmp:
+            method.fit(fit_data, out_dir=tmp, progress=False)
     caps = method.capabilities
     _expect(caps <= cls.capabilities, name, f"instance capabilities {_names(caps)} exceed the class's "
                                             f"{_names(cls.capabilities)}")
