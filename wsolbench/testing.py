@@ -69,10 +69,13 @@ def check_localizer(cls: type[Localizer], config: dict | None = None,
         with tempfile.TemporaryDirectory(dir=tmp_dir) as tmp:
             method.fit(fit_data, out_dir=tmp, progress=False)
     caps = method.capabilities
-    _expect(caps <= cls.capabilities, name, f"instance capabilities {_names(caps)} exceed the class's "
-                                            f"{_names(cls.capabilities)}")
+    _expect(caps and caps <= cls.capabilities, name, f"instance capabilities {_names(caps)} must be some of the "
+                                                     f"class's {_names(cls.capabilities)}")
+    from PIL import Image
+
     images = list(images) if images is not None else sample_images()
-    meta = [ImageMeta(f"contract{i}.png", size=getattr(im, "size", None)) for i, im in enumerate(images)]
+    meta = [ImageMeta(f"contract{i}.png", size=im.size if isinstance(im, Image.Image) else None)
+            for i, im in enumerate(images)]
     answers = {}
     for cap in Capability:
         if cap in caps:
