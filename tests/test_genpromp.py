@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from wsolbench.classnames import class_text
+from wsolbench.weights import local_path
 from wsolbench.maps.cross_attention import AttentionLayer  # noqa: E402
 from wsolbench.config import load_method_config  # noqa: E402
 from wsolbench.localizer import Capability, ImageMeta  # noqa: E402
@@ -222,16 +223,16 @@ def test_classifier_preprocessing_comes_from_the_config_else_the_model():
         gp_classifier.preprocessing({**unset, "input_size": 32}, torch.nn.Linear(1, 1))
 
 
-def test_artefact_paths_as_given_else_under_the_weights_dir(tmp_path, monkeypatch):
+def test_config_paths_as_given_else_under_the_weights_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("WSOLBENCH_WEIGHTS", str(tmp_path / "weights"))
     (tmp_path / "weights" / "genpromp").mkdir(parents=True)
     (tmp_path / "weights" / "genpromp" / "preds.json").write_text("{}")
     monkeypatch.chdir(tmp_path)
-    assert gp_components.artefact_path("genpromp/preds.json") == tmp_path / "weights" / "genpromp" / "preds.json"
+    assert local_path("genpromp/preds.json") == tmp_path / "weights" / "genpromp" / "preds.json"
     (tmp_path / "genpromp").mkdir()
     (tmp_path / "genpromp" / "preds.json").write_text("{}")
-    assert gp_components.artefact_path("genpromp/preds.json") == Path("genpromp/preds.json")  # the CWD's first
-    assert gp_components.artefact_path("absent.json") == Path("absent.json")  # its error names the path given
+    assert local_path("genpromp/preds.json") == Path("genpromp/preds.json")  # the CWD's first
+    assert local_path("absent.json") == Path("absent.json")  # its error names the path given
 
 
 # ----------------------------------------------------------------------------------------------- training

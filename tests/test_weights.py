@@ -242,17 +242,6 @@ def test_load_state_dict_never_runs_pickled_code(tmp_path, monkeypatch):
     assert torch.equal(got["w"], torch.ones(2))
 
 
-def test_genpromp_checkpoint(tmp_path):
-    (tmp_path / "tokens").mkdir()
-    torch.save({"<cub-0>": torch.arange(4.0)}, tmp_path / "tokens" / "49408.bin")
-    _touch(tmp_path / "unet" / "config.json")
-    ck = W.load_genpromp_checkpoint(tmp_path)
-    assert torch.equal(ck["tokens"]["<cub-0>"], torch.arange(4.0))
-    assert ck["token_ids"] == {"<cub-0>": 49408} and ck["unet_dir"] == tmp_path / "unet"
-    with pytest.raises(FileNotFoundError, match="tokens"):
-        W.load_genpromp_checkpoint(tmp_path / "nothing")
-
-
 def test_load_timm_and_open_clip_and_torchvision_offline(env, monkeypatch):
     """Real library loading paths with small stand-ins registered in the catalogue."""
     import timm

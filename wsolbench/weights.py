@@ -33,7 +33,7 @@ from typing import Any, Iterable, Mapping
 __all__ = ["WeightSpec", "CATALOGUE", "MissingWeightsError", "catalogue", "resolve", "find", "list_weights",
            "weights_for_method", "fetch", "fetch_for_method", "fetch_command", "load_state_dict",
            "load_open_clip", "load_timm", "load_torchvision", "diffusers_dir", "load_blip",
-           "load_genpromp_checkpoint", "users", "resolve_timm", "resolve_diffusers"]
+           "local_path", "users", "resolve_timm", "resolve_diffusers"]
 
 
 # ------------------------------------------------------------------------------------------ catalogue
@@ -329,20 +329,23 @@ def _candidates(spec: WeightSpec) -> list[tuple[str, Path]]:
     return out
 
 
+def local_path(value: str | os.PathLike) -> Path:
+    """A file or folder named in a config: the path as given (absolute, or relative to the current folder),
+    else under the weights dir (``WSOLBENCH_WEIGHTS``) when it exists there."""
+    from .paths import weights_dir
+
+    p, wdir = Path(value).expanduser(), weights_dir()
+    return wdir / p if not p.exists() and wdir is not None and (wdir / p).exists() else p
+
+
 def find(name: str, path: str | os.PathLike | None = None) -> tuple[Path | None, list[str]]:
     """(resolved path or None, the locations searched) for catalogue model ``name``."""
     spec = _spec(name)
     searched: list[str] = []
-    if path is not None:  # a relative path: from the current folder, else from the weights dir
-        from .paths import weights_dir
-
-        p, wdir = Path(path).expanduser(), weights_dir()
-        for cand in [p] + ([wdir / p] if wdir is not None and not p.is_absolute() else []):
-            searched.append(f"{cand} (explicit path)")
-            hit = _check_candidate(cand, spec)
-            if hit is not None:
-                return hit, searched
-        return None, searched
+    if path is not None:
+        p = local_path(path)
+        searched.append(f"{p} (explicit path)")
+        return _check_candidate(p, spec), searched
     for label, cand in _candidates(spec):
         if label == "huggingface cache":
             searched.append(f"{cand} ({label}, offline)")
@@ -715,30 +718,6 @@ def load_blip(path: str | os.PathLike | None = None, device: str = "cpu"):
     model = BlipForConditionalGeneration.from_pretrained(str(folder), local_files_only=True)
     processor = BlipProcessor.from_pretrained(str(folder), local_files_only=True)
     return model.to(device).eval(), processor
-
-
-def load_genpromp_checkpoint(directory: str | os.PathLike) -> dict:
-    """An official GenPromp checkpoint folder: ``tokens/<token_id>.bin`` ({token: tensor[768]}) and a
-    diffusers ``unet/``. Returns ``{"tokens": {token: tensor}, "token_ids": {token: id}, "unet_dir": Path|None}``."""
-    import torch
-
-    directory = Path(directory)
-    tok_dir = directory / "tokens"
-    if not tok_dir.is_dir() and not (directory / "unet").is_dir():
-        raise FileNotFoundError(f"{directory}: a GenPromp checkpoint holds tokens/*.bin and/or unet/ "
-                                "(diffusers format, from UNet2DConditionModel.save_pretrained)")
-    tokens: dict[str, Any] = {}
-    ids: dict[str, int] = {}
-    for f in sorted(tok_dir.glob("*.bin")) if tok_dir.is_dir() else []:
-        obj = torch.load(f, map_location="cpu", weights_only=True)
-        if not isinstance(obj, Mapping):
-            raise ValueError(f"{f}: expected {{token: tensor}}, got {type(obj).__name__}")
-        for tok, emb in obj.items():
-            tokens[tok] = emb
-            if f.stem.isdigit():
-                ids[tok] = int(f.stem)
-    unet = directory / "unet"
-    return {"tokens": tokens, "token_ids": ids, "unet_dir": unet if (unet / "config.json").is_file() else None}
 
 
 def main_list(stream=sys.stdout) -> None:  # pragma: no cover - convenience for `python -m wsolbench.weights`

@@ -12,9 +12,7 @@ from torch import nn
 
 from wsolbench import weights
 from wsolbench.localizer import InputError
-from wsolbench.weights import MissingWeightsError
-
-from .components import artefact_path
+from wsolbench.weights import MissingWeightsError, local_path
 
 
 def _stem(name: str) -> str:
@@ -96,7 +94,7 @@ def build_classifier(cfg: dict, device: str):
     if kind == "json":
         if not c["predictions"]:
             raise ValueError("classifier.kind=json needs classifier.predictions (the official predictions JSON)")
-        return PredictionsClassifier(artefact_path(c["predictions"]))
+        return PredictionsClassifier(local_path(c["predictions"]))
     if kind == "zoo":
         from wsolbench import zoo
 
@@ -104,7 +102,7 @@ def build_classifier(cfg: dict, device: str):
     elif kind == "timm":
         import timm
 
-        path = artefact_path(c["checkpoint"]) if c["checkpoint"] else weights.resolve(c["name"])
+        path = local_path(c["checkpoint"]) if c["checkpoint"] else weights.resolve(c["name"])
         if not Path(path).exists():
             raise MissingWeightsError(f"GenPromp classifier checkpoint not found: {path} (timm model {c['name']})")
         model = timm.create_model(c["name"], pretrained=False, num_classes=int(c["num_classes"]))

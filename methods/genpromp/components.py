@@ -33,17 +33,6 @@ def cast(module: nn.Module, device, dtype: torch.dtype) -> nn.Module:
     return module
 
 
-def artefact_path(value: str) -> Path:
-    """A GenPromp artefact named in the config (``model.token_path``/``unet_path``, ``classifier.predictions``,
-    ``classifier.checkpoint``): the path as given (absolute or relative to the CWD), else under the weights dir
-    (``WSOLBENCH_WEIGHTS``, where ``wsolbench.weights`` looks for the catalogued models)."""
-    from wsolbench.paths import weights_dir
-
-    p = Path(str(value)).expanduser()
-    wd = weights_dir()
-    return wd / p if not p.exists() and wd is not None and (wd / p).exists() else p
-
-
 def build_components(cfg: dict) -> dict:
     """vae, unet, text_encoder, tokenizer, scheduler per ``model.source``: the zoo's (``model.zoo_scale``) or a
     diffusers folder found offline by ``wsolbench.weights`` (``model.pretrained``: a folder or the catalogue's

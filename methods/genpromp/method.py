@@ -19,10 +19,11 @@ from wsolbench.imaging import as_image_list
 from wsolbench.localizer import Capability, ImageMeta, InputError, Localizer, LocalizerOutput
 from wsolbench.maps.cross_attention import unet_attention_layers
 from wsolbench.registry import register_method
+from wsolbench.weights import local_path
 
 from . import components as parts
 from .classifier import ModelClassifier, build_classifier
-from .components import artefact_path, build_components, cast, torch_dtype
+from .components import build_components, cast, torch_dtype
 from .inference import InferenceMixin, LatentDraws, group_layers
 from .prompts import PromptsMixin, check_synonyms
 from .train import TrainingMixin
@@ -67,9 +68,9 @@ class GenPromp(TrainingMixin, InferenceMixin, PromptsMixin, Localizer):
         self._setup_concepts()
         self.unet_finetuned = False
         if cfg["model"]["token_path"]:
-            self.load_official_tokens(artefact_path(cfg["model"]["token_path"]))
+            self.load_official_tokens(local_path(cfg["model"]["token_path"]))
         if cfg["model"]["unet_path"] and cfg["inference"]["finetuned"]:
-            self.load_unet(artefact_path(cfg["model"]["unet_path"]))
+            self.load_unet(local_path(cfg["model"]["unet_path"]))
         self.text_encoder.to(device)
         cast(self.vae, device, self.infer_dtype)
         cast(self.unet, device, self.infer_dtype)

@@ -24,7 +24,7 @@ HEADER = "\"bpe_simple_vocab_16e6.txt#version: 0.2 (OpenAI CLIP merges used by w
 PROMPT_TEXTS = (
     "a photo of a {}",  # zoo CLIP / U-Net training and their quality checks (builder/data.py PROMPT)
     "a {} object",  # zoo CLIP's colour check (builder/train.py)
-    # GenPromp's seven templates (methods/genpromp TEMPLATES)
+    # GenPromp's seven templates (genpromp.yaml prompts.templates)
     "a rendering of a {}", "the photo of a {}", "a photo of my {}", "a photo of the {}", "a photo of one {}",
     "a rendition of a {}",
     "a photo of a {}.",  # TeD-Loc tiny anchors / pseudo-label prompt (tedloc_tiny.yaml)
