@@ -172,6 +172,13 @@ def test_wsol_backbones_feature_resolution(backbone, large, side):
     assert feats.shape[1] == net.fc.in_features
 
 
+def test_unknown_backbone_or_variant_is_refused():
+    with pytest.raises(ValueError, match="unknown CAM backbone 'alexnet'; choose one of vgg16, resnet50"):
+        CAM({**SMALL, "backbone": "alexnet"})
+    with pytest.raises(ValueError, match="cam variant must be one of"):
+        CAM({**SMALL, "variant": "scorecam"})
+
+
 def test_imagenet_weights_load_and_missing_file_message(isolated_env):
     with pytest.raises(MissingWeightsError) as exc:
         imagenet_weights_file("resnet50", "imagenet")
