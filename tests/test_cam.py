@@ -196,6 +196,7 @@ def test_imagenet_weights_load_and_missing_file_message(isolated_env):
     path = imagenet_weights_file("resnet50", "imagenet")
     assert path == wdir / "resnet50-0676ba61.pth"
     assert imagenet_weights_file("resnet50", str(wdir)) == path  # an explicit folder, read by weights.resolve
+    assert imagenet_weights_file("resnet50", "resnet50-0676ba61.pth") == path  # a name under the weights dir
     assert set(CAM.pretrained) == set(IMAGENET_WEIGHTS.values()) <= set(CATALOGUE)  # what the class declares
     net = build_cam_net(CAM.complete_config({"backbone": "resnet50", "large_feature_map": True}), num_classes=2)
     keys = load_imagenet(net, "resnet50", path, classifier=False)

@@ -30,20 +30,22 @@ IMAGENET_WEIGHTS = {"vgg16": "vgg16", "resnet50": "resnet50", "inceptionv3": "in
 def imagenet_weights_file(backbone: str, pretrained: str) -> Path:
     """The ImageNet checkpoint that config key ``pretrained`` names for ``backbone``, found by
     ``wsolbench.weights.resolve``: ``imagenet`` searches WSOLBENCH_WEIGHTS and the torch hub cache, any other
-    value is an explicit file (or a folder holding it)."""
+    value is an explicit file or a folder holding it (as given, else under the weights dir:
+    ``wsolbench.weights.local_path``)."""
     if backbone not in IMAGENET_WEIGHTS:
         raise ConfigError(f"config key 'pretrained': backbone {backbone!r} has no ImageNet weights; "
                           "set pretrained: null")
     name = IMAGENET_WEIGHTS[backbone]
     if str(pretrained).lower() == "imagenet":
         return weights.resolve(name)
-    path = Path(str(pretrained)).expanduser()
+    path = weights.local_path(str(pretrained))
     if (path / "model.safetensors").is_file():
         raise ConfigError(f"config key 'pretrained': {path} is a saved wsolbench model, not ImageNet weights; "
                           f"to start from a saved CAM set finetune_from={path} (and pretrained=null)")
     if not path.exists():
-        raise MissingWeightsError(f"CAM pretrained weights {path} do not exist (config key 'pretrained'); "
-                                  f"use 'imagenet' to search the weights dir and the torch cache")
+        raise MissingWeightsError(f"CAM pretrained weights {path} do not exist, as given or under the weights dir "
+                                  f"(config key 'pretrained'); use 'imagenet' to search the weights dir and the "
+                                  f"torch cache")
     return weights.resolve(name, path)
 
 
