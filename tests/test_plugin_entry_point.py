@@ -71,3 +71,17 @@ def test_toy_runs_through_wsolbench_run_and_reaches_the_leaderboard(toy_env, tmp
     row = rows[0]
     assert row["table"].startswith("synthetic-cub") and row["n"] == "8" and row["source"] == "measured", row
     assert 0 <= float(row["maxboxacc ↑"]) <= 100, row
+
+
+def test_a_plugins_own_weights_yaml_joins_the_catalogue(toy_env, tmp_path):
+    """A plugin declares its own pretrained models beside its module, as a built-in package does."""
+    site = Path(toy_env["PYTHONPATH"].split(os.pathsep)[0]) / "toy_wsol"
+    spec = ("- name: toy-net\n  kind: timm\n  source: toy_net.v1\n  files: [model.safetensors]\n"
+            "  licence: MIT\n  description: the toy's (imaginary) backbone\n")
+    (site / "weights.yaml").write_text(spec)
+    try:
+        code = ("from wsolbench import weights as W\n"
+                "print(W.CATALOGUE['toy-net'].source, W.CATALOGUE['vgg16'].kind)\n")
+        assert _python(toy_env, "-c", code).split() == ["toy_net.v1", "torchvision"]
+    finally:
+        (site / "weights.yaml").unlink()

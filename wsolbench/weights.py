@@ -78,14 +78,15 @@ def _read_specs(path: Path) -> list[WeightSpec]:
 
 
 def _catalogue_files() -> list[Path]:
-    """``configs/weights.yaml`` (models several methods load), then every ``methods/<name>/weights.yaml``."""
-    import importlib.util
+    """``configs/weights.yaml`` (models several methods load), then the ``weights.yaml`` beside each registered
+    method's module (built-in packages and entry-point plugins alike; found without importing them)."""
     from importlib import resources
 
-    spec = importlib.util.find_spec("wsolbench.methods")
-    roots = (spec.submodule_search_locations or []) if spec else []
-    packages = [p for root in roots for p in sorted(Path(root).glob("*/weights.yaml"))]
-    return [Path(str(resources.files("wsolbench.configs") / "weights.yaml"))] + packages
+    from .registry import METHODS, list_methods
+
+    homes = dict.fromkeys(METHODS.home(m) for m in list_methods())
+    return [Path(str(resources.files("wsolbench.configs") / "weights.yaml"))] + \
+        [h / "weights.yaml" for h in homes if (h / "weights.yaml").is_file()]
 
 
 def _load_catalogue() -> dict[str, WeightSpec]:
