@@ -9,7 +9,8 @@ from torch import nn
 
 from wsolbench.checkpoint import CheckpointError, load_exact, load_foreign_method, partial_names
 from wsolbench.localizer import Localizer
-from wsolbench.methods.mmcst.method import MMCST, adapt_vit_state_dict
+from wsolbench.methods.mmcst.loading import adapt_vit_state_dict
+from wsolbench.methods.mmcst.method import MMCST
 
 
 def _net() -> nn.Module:

@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from wsolbench.config import load_method_config
-from wsolbench.methods.mmcst.method import MMCST, mctformer_inputs
+from wsolbench.methods.mmcst.inference import mctformer_inputs
+from wsolbench.methods.mmcst.method import MMCST
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -90,14 +91,15 @@ def test_mctformer_stages_and_miou(version, checkpoints, expected, fixture_dir, 
         assert [tuple(x.shape[-2:]) for x, _ in passes] == [tuple(r) for r in expected[f"input_hw/{name}"]]
         with torch.no_grad():  # the scale-1, unflipped pass, stage by stage
             out = m.model(passes[0][0], need_attn=True)
-            attn = m.model.maps(out, "attn", attn_layers=3, refine=False)[0]
-            refined = m.model.maps(out, m.icfg["map"], attn_layers=3, refine=True)[0]
+            attn = m.model.maps(out, "attn", attn_layers=3, fuse_attention=True, refine=False, relu=True)[0]
+            refined = m.model.maps(out, m.icfg["map"], attn_layers=3, fuse_attention=True, refine=True, relu=True)[0]
         _close(f"{name} scores", out["logits"][0], expected[f"{version}/scores/{name}"], TOL["scores"])
         _close(f"{name} c2p_attn", attn, expected[f"{version}/c2p_attn/{name}"], TOL["c2p_attn"])
         _close(f"{name} refined", refined, expected[f"{version}/refined/{name}"], TOL[f"{version}/refined"])
         if version == "v2":
             with torch.no_grad():
-                fused = m.model.maps(out, "patchcam", attn_layers=3, refine=False)[0]
+                fused = m.model.maps(out, "patchcam", attn_layers=3, fuse_attention=True, refine=False,
+                                     relu=True)[0]
             _close(f"{name} fused", fused, expected[f"v2/fused/{name}"], TOL["fused"])
             _close(f"{name} patch_scores", out["patch_logits"][0], expected[f"v2/patch_scores/{name}"],
                    TOL["patch_scores"])
