@@ -336,6 +336,26 @@ def test_configs_resolve():
     assert tiny["model"]["backbone"]["source"] == "zoo" and tiny["model"]["clip"]["source"] == "zoo"
 
 
+def test_a_partial_config_takes_mmcst_yaml_defaults():
+    """The schema YAML is the one source of defaults: keys a config leaves out get mmcst.yaml's values, where the
+    old code fallbacks disagreed (patch_proj conv3, optimizer adam, augment simple)."""
+    from wsolbench.methods.mmcst.train import make_optimizer, train_transform
+
+    cfg = small_cfg()
+    del cfg["model"]["patch_proj"], cfg["train"]["augment"]
+    m = MMCST.from_config(cfg, class_names=CLASSES)
+    assert m.model.patch_proj.kernel_size == (1, 1)  # mmcst.yaml: linear (the paper's "linearly projected")
+    assert m.lcfg["temperature"] == 0.07 and m.lcfg["gwrp_decay"] == 0.996 and m.icfg["relu"] is True
+    opt = make_optimizer(m.model.parameters(), m.tcfg)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["weight_decay"] == 0.05
+    assert opt.defaults["lr"] == pytest.approx(1e-3 * 4 / 512)  # train.lr_base_batch: 512
+    assert "RandAugment" in repr(train_transform(m.tcfg, SIZE, m.mean, m.std))  # augment: mctformer
+    with pytest.raises(ValueError, match="train.augment must be 'mctformer' or 'simple'"):
+        train_transform({**m.tcfg, "augment": "strong"}, SIZE, m.mean, m.std)
+    with pytest.raises(ValueError, match="infer.scales is empty"):
+        make_method(**{"infer.scales": []})
+
+
 def test_registered():
     from wsolbench.registry import METHODS
 
