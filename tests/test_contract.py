@@ -5,8 +5,6 @@ method gets its case here with nothing to edit in this file.
 """
 from __future__ import annotations
 
-import re
-
 import pytest
 
 from wsolbench.registry import DECLARED, METHODS, get_method_class, list_methods
@@ -14,33 +12,9 @@ from wsolbench.testing import check_localizer, micro_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-# The first contract failure of each method that fails today: bugs in the method, found by this test (the
-# message pattern of its AssertionError). Fix the method, then delete its line: a line whose failure is gone,
-# or a method failing otherwise, fails the test, so no line outlives its fix or hides another failure.
-KNOWN_FAILURES: dict[str, str] = {}  # none today: the four found first were fixed in Localizer/imaging
-# the same after a micro fit on single-label data (the slow test below)
-KNOWN_TRAINED_FAILURES: dict[str, str] = {
-    # fitted single-label, CAM answers classes=None with its top-1 class but still declares `multi` (whose
-    # harness task, dense mIoU, reads a map for every class from classes=None): the instance should drop
-    # `multi` as WWbL's wsol mode drops `phrase`/`open`, or answer it
-    "cam": r"cam: multi no query: classes=None must give a map for each of the 10 classes, got 1 maps",
-}
-
-
-def check_or_known(name: str, known: dict[str, str], **kwargs) -> None:
-    """``check_localizer`` on the registered method ``name``; a failure ``known`` lists is an expected failure."""
-    try:
-        check_localizer(get_method_class(name), micro_config(name), **kwargs)
-    except AssertionError as exc:
-        if name not in known or not re.search(known[name], str(exc)):
-            raise
-        pytest.xfail(f"known contract failure: {exc}")
-    assert name not in known, f"{name} now keeps the contract: delete its line in the known failures"
-
-
 @pytest.mark.parametrize("name", list_methods())
 def test_every_registered_method_keeps_the_contract(name, isolated_env):
-    check_or_known(name, KNOWN_FAILURES, tmp_dir=isolated_env)
+    check_localizer(get_method_class(name), micro_config(name), tmp_dir=isolated_env)
 
 
 @pytest.mark.parametrize("name", list_methods())
@@ -131,5 +105,5 @@ def test_every_trained_method_keeps_the_contract(name, isolated_env):
     from wsolbench.registry import create_dataset
 
     train = create_dataset("synthetic-cub", split="train")
-    check_or_known(name, KNOWN_TRAINED_FAILURES, class_names=train.class_names, tmp_dir=isolated_env,
-                   fit_data=train.subset(range(8)))
+    check_localizer(get_method_class(name), micro_config(name), class_names=train.class_names, tmp_dir=isolated_env,
+                    fit_data=train.subset(range(8)))

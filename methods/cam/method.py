@@ -41,6 +41,12 @@ class CAM(Localizer):
             raise ValueError(f"cam variant must be one of {VARIANTS}, got {self.variant!r}")
         self.input_size = int(cfg["input_size"])
         self.model = self._build(self._num_classes())
+        self._set_capabilities()
+
+    def _set_capabilities(self) -> None:
+        """A single-label classifier (trained with CE, or a wsolevaluation checkpoint) answers ``classes=None``
+        with its top-1 class, so this instance cannot serve ``multi`` (a map for every class present)."""
+        self.capabilities = type(self).capabilities if self.multi_label else frozenset({Capability.SINGLE})
 
     # -- construction --
     def _num_classes(self) -> int:
@@ -103,6 +109,7 @@ class CAM(Localizer):
         if not self.class_names:
             self.class_names = names
         self.config["multi_label"] = loss_name == "mlsm"
+        self._set_capabilities()
         self.config["num_classes"] = len(self.class_names)
         if self.num_classes != len(self.class_names):
             self.model = self._build(len(self.class_names))
