@@ -35,7 +35,7 @@ default, what produced the published numbers) follows:
 
 Modules: ``method`` (the registered ``WWbL``: config, inference, persistence), ``model`` (g, its encoders,
 the official checkpoint's keys), ``clip_teacher`` (the frozen CLIP), ``losses``, ``data`` (the text-image
-training set), ``training`` (fit, model selection), ``open_world`` (proposals → captions → clusters).
+training set), ``train`` (fit, model selection), ``open_world`` (proposals → captions → clusters).
 Kept import-free: the registry reads the ``@register_method`` decorator without importing torch (see
 :func:`wsolbench.registry.discover_methods`).
 """

@@ -24,7 +24,7 @@ from .clip_teacher import ClipTeacher, build_clip
 from .losses import LOSS_VARIANTS
 from .model import build_g, load_official_into
 from .open_world import OpenWorldMixin
-from .training import TrainingMixin
+from .train import TrainingMixin
 
 MODES = ("grounding", "wsol")
 
