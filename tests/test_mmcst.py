@@ -336,6 +336,13 @@ def test_configs_resolve():
     assert tiny["model"]["backbone"]["source"] == "zoo" and tiny["model"]["clip"]["source"] == "zoo"
 
 
+def test_prompts_read_class_names_as_words():
+    """VOC's compound names split into words; other names through the one class-name cleaner (index prefix and
+    underscores gone), in mmcst.yaml's "a photo of {}"."""
+    m = MMCST.from_config(small_cfg(), class_names=["diningtable", "001.Black_footed_Albatross", "traffic light"])
+    assert m._prompts() == ["a photo of dining table", "a photo of Black footed Albatross", "a photo of traffic light"]
+
+
 def test_a_partial_config_takes_mmcst_yaml_defaults():
     """The schema YAML is the one source of defaults: keys a config leaves out get mmcst.yaml's values, where the
     old code fallbacks disagreed (patch_proj conv3, optimizer adam, augment simple)."""

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from wsolbench.checkpoint import CheckpointError
+from wsolbench.classnames import class_text
 from wsolbench.localizer import Capability, ImageMeta, InputError, Localizer, LocalizerOutput
 from wsolbench.registry import register_method
 
@@ -25,7 +26,7 @@ from .train import (ValMapSelection, make_optimizer, make_scheduler, sample_aver
 
 log = logging.getLogger(__name__)
 
-# VOC's compound class names read better to a text encoder as words
+# VOC's compound class names read better to a text encoder as words (others: wsolbench.classnames.class_text)
 PROMPT_NAMES = {"aeroplane": "aeroplane", "diningtable": "dining table", "pottedplant": "potted plant",
                 "tvmonitor": "tv monitor", "motorbike": "motorbike"}
 
@@ -88,7 +89,7 @@ class MMCST(Localizer):
 
     def _prompts(self) -> list[str]:
         template = str(self.mcfg["prompt"])
-        return [template.format(PROMPT_NAMES.get(n, n.replace("_", " "))) for n in self.class_names]
+        return [template.format(PROMPT_NAMES.get(n, class_text(n, synonyms="all"))) for n in self.class_names]
 
     def ensure_text_embeddings(self) -> None:
         """Fill ``text_embed`` with the CLIP text embeddings of the prompts (once; kept in checkpoints)."""
