@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from wsolbench import distributed, harness, pipeline
-from wsolbench.distributed import DATA_PARALLEL_FIT, RankBatches, World
+from wsolbench.distributed import RankBatches, World
 from wsolbench.harness import RunSpec, run
 from wsolbench.registry import METHODS, get_method_class
 
@@ -119,15 +119,15 @@ def test_launch_environment_is_read_and_checked(monkeypatch):
     assert pipeline.default_workers(World(local_size=4)) == 6 and pipeline.default_workers(World()) == 8
 
 
-def test_data_parallel_fit_list_matches_the_methods_code():
-    """Methods listed as data-parallel train through TrainLoop + make_loader; the other trainable ones don't."""
+def test_data_parallel_fit_matches_the_methods_code():
+    """A class declaring data_parallel_fit trains through TrainLoop + make_loader; the other trainable ones don't."""
     for name in METHODS.names():
         cls = get_method_class(name)
         if not cls.needs_training:
             continue
         src = "".join(f.read_text() for f in METHODS.home(name).glob("*.py"))  # the method's whole package
         through_loop = "TrainLoop" in src and "make_loader" in src
-        assert through_loop == (name in DATA_PARALLEL_FIT), name
+        assert through_loop == cls.data_parallel_fit, name
 
 
 # ---- the pipeline in one process ---------------------------------------------------------------------

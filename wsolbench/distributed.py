@@ -27,10 +27,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-# methods whose ``fit`` trains through ``training.TrainLoop`` + ``training.make_loader`` (data-parallel under
-# several processes); any other trainable method is trained by rank 0 alone while the others wait for its
-# checkpoint (tests/test_distributed.py checks this list against the methods' code)
-DATA_PARALLEL_FIT = frozenset({"cam", "tedloc", "wwbl", "mmcst"})
 TIMEOUT_ENV = "WSOLBENCH_DIST_TIMEOUT_MIN"  # collective timeout in minutes (torch's default is 30)
 
 
@@ -263,7 +259,7 @@ def describe(world: World, *, workers: int, amp: str | None, trained: str | None
     return out
 
 
-def fit_and_save(name: str, method: Any, train: Any, val: Any, *, out_dir: Path, checkpoint: Path,
+def fit_and_save(method: Any, train: Any, val: Any, *, out_dir: Path, checkpoint: Path,
                  resume: bool, progress: bool) -> Any:
     """Train ``method`` (data-parallel when its fit goes through TrainLoop, else on rank 0 alone), save it
     to ``checkpoint`` from rank 0, and return the method every rank evaluates with: rank 0 keeps the trained
@@ -273,7 +269,7 @@ def fit_and_save(name: str, method: Any, train: Any, val: Any, *, out_dir: Path,
         method.fit(train, val_data=val, out_dir=out_dir, resume=resume, progress=progress)
         method.save(checkpoint)
         return method
-    if name in DATA_PARALLEL_FIT:
+    if method.data_parallel_fit:
         with data_parallel(world):
             method.fit(train, val_data=val, out_dir=out_dir, resume=resume, progress=progress and world.is_main)
         if world.is_main:
@@ -287,8 +283,8 @@ def fit_and_save(name: str, method: Any, train: Any, val: Any, *, out_dir: Path,
     return method if world.is_main else type(method).load(checkpoint, device=method.device)
 
 
-def training_mode(name: str, world: World) -> str:
-    """How ``fit_and_save`` trains ``name`` over ``world`` (for the run record)."""
+def training_mode(method_cls: Any, world: World) -> str:
+    """How ``fit_and_save`` trains a ``method_cls`` over ``world`` (for the run record)."""
     if not world.parallel:
         return "one-process"
-    return "data-parallel" if name in DATA_PARALLEL_FIT else "main-rank"
+    return "data-parallel" if method_cls.data_parallel_fit else "main-rank"

@@ -602,7 +602,7 @@ def run(spec: RunSpec) -> RunResult:
         "checkpoint_load": load_record(method),  # what a --checkpoint FILE gave the model (LoadReport)
         "eval_time_s": round(eval_time, 3), "eval_images_per_s": round(len(dataset) / max(eval_time, 1e-9), 2),
         "parallel": describe_parallel(world, workers=_eval_options(spec).workers, amp=spec.amp,
-                                      trained=training_mode(method_name, world)
+                                      trained=training_mode(get_method_class(method_name), world)
                                       if get_method_class(method_name).needs_training and spec.checkpoint is None
                                       else None),
     }
@@ -770,7 +770,7 @@ def _build_method(name: str, cfg: dict, dataset: Any, spec: RunSpec, hcfg: dict,
                 val = _open_dataset(DATASETS.canonical(spec.dataset), "val", spec.data_root, hcfg)
             except HarnessError:
                 val = None
-        method = fit_and_save(name, method, train, val, out_dir=run_dir / "train", checkpoint=ckpt,
+        method = fit_and_save(method, train, val, out_dir=run_dir / "train", checkpoint=ckpt,
                               resume=spec.resume, progress=spec.progress)  # data-parallel under torchrun
     return method
 

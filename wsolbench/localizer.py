@@ -72,6 +72,9 @@ class Localizer(abc.ABC):
     capabilities: ClassVar[frozenset[Capability]] = frozenset()
     needs_training: ClassVar[bool] = False
     single_label_training: ClassVar[bool] = False  # fit reads one class per image: no multi-label train set
+    # fit trains through training.TrainLoop + make_loader: data-parallel under several processes; else rank 0
+    # trains alone while the others wait for its checkpoint
+    data_parallel_fit: ClassVar[bool] = False
     tiny_zoo: ClassVar[tuple[str, ...]] = ()  # synthetic-world zoo models the tiny profile stands on
     pretrained: ClassVar[tuple[str, ...]] = ()  # wsolbench.weights catalogue names the paper profile may load
     in_demo: ClassVar[bool] = True  # `wsolbench demo` runs its tiny profile (methods that train run last)

@@ -30,6 +30,7 @@ class CAM(Localizer):
     capabilities = frozenset({Capability.SINGLE, Capability.MULTI})
     pretrained = ("vgg16", "resnet50", "inception-v3")  # loading.IMAGENET_WEIGHTS: one per paper backbone
     needs_training = True
+    data_parallel_fit = True  # fit goes through wsolbench.training.TrainLoop + make_loader
 
     def __init__(self, config: dict | None = None, class_names: Sequence[str] | None = None,
                  device: str = "cpu") -> None:

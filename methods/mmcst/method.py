@@ -37,6 +37,7 @@ class MMCST(Localizer):
 
     capabilities = frozenset({Capability.MULTI, Capability.SINGLE})
     needs_training = True
+    data_parallel_fit = True  # fit goes through wsolbench.training.TrainLoop + make_loader
     tiny_zoo = ("vit", "clip")
     pretrained = ("vit-b16", "deit-s16", "deit-b16", "clip-vit-b16-openai")
 

@@ -28,6 +28,7 @@ class TeDLoc(Localizer):
 
     capabilities = frozenset({Capability.SINGLE})
     needs_training = True
+    data_parallel_fit = True  # fit goes through wsolbench.training.TrainLoop + make_loader
     tiny_zoo = ("vit", "clip")
     pretrained = ("eva01-large", "eva02-large", "clip-vit-b16-openai", "clip-vit-l14-openai")
     single_label_training = True  # the decoder's loss and the pseudo-labels take Sample.label

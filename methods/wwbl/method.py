@@ -52,6 +52,7 @@ class WWbL(OpenWorldMixin, TrainingMixin, Localizer):
 
     capabilities = frozenset({Capability.SINGLE, Capability.PHRASE, Capability.OPEN})
     needs_training = True
+    data_parallel_fit = True  # fit goes through wsolbench.training.TrainLoop + make_loader
     tiny_zoo = ("vgg", "clip", "captioner")
     pretrained = ("vgg16", "resnet50", "inception-v3", "clip-vit-b32-openai", "blip-caption-base")
 
