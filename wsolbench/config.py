@@ -45,9 +45,14 @@ def method_config_dir(method: str) -> Path:
         raise ConfigError(f"no config for method {method!r}: {exc}") from exc
 
 
+def method_schema_file(method: str) -> Path:
+    """``<method>.yaml`` in the method's configs folder (a plugin may have none: check ``is_file()``)."""
+    return method_config_dir(method) / f"{method}.yaml"
+
+
 def method_schema(method: str) -> dict:
     """``<method>.yaml``: the paper profile, whose key tree (and value types) is the method's config schema."""
-    return read_yaml(method_config_dir(method) / f"{method}.yaml")
+    return read_yaml(method_schema_file(method))
 
 
 def read_yaml(path: str | Path, *, allow_base: bool = True) -> dict:

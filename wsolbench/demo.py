@@ -79,7 +79,7 @@ def run_demo(out: Path = Path("runs/demo"), leaderboard_dir: Path = Path("leader
             except HarnessError:
                 print(f"  {name} on {dataset}: skipped (no capability for this dataset's task)", flush=True)
                 continue
-            if probe.needs_training and not trains_on(probe, ds):
+            if not trains_on(probe, ds):
                 print(f"  {name} on {dataset}: skipped (trains from one class label per image; this set is "
                       f"multi-label)", flush=True)
                 continue

@@ -96,9 +96,9 @@ class Localizer(abc.ABC):
         """``config`` (resolved, or partial from a notebook or test) completed from the method's schema YAML,
         the one source of defaults, keys and value types checked; a method without one (a plugin without
         ``configs/<name>.yaml``) keeps ``config`` as given."""
-        from .config import method_config_dir, with_defaults
+        from .config import method_schema_file, with_defaults
 
-        if not cls.registry_name or not (method_config_dir(cls.registry_name) / f"{cls.registry_name}.yaml").is_file():
+        if not cls.registry_name or not method_schema_file(cls.registry_name).is_file():
             return dict(config or {})
         return with_defaults(cls.registry_name, config)
 

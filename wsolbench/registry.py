@@ -65,8 +65,7 @@ class Registry:
     _aliases: dict[str, str] = field(default_factory=dict)
     _plugins_loaded: bool = False
 
-    def register(self, name: str, target: Any, aliases: Iterable[str] = (), source: str = "builtin",
-                 home: Path | None = None) -> None:
+    def register(self, name: str, target: Any, aliases: Iterable[str] = (), source: str = "builtin") -> None:
         """Add ``name`` (and its aliases); a name already taken by another target is an error."""
         key = name.lower()
         existing = self._entries.get(key)
@@ -80,8 +79,9 @@ class Registry:
             owner = self._aliases.get(alias) or (alias if alias in self._entries and alias != key else None)
             if owner is not None and owner != key:
                 raise RegistryError(f"{self.kind} alias {alias!r} of {name!r} is already taken by {owner!r}")
-        home = home or (existing.home if existing is not None else None)
-        self._entries[key] = _Entry(key, target, aliases, source, home)
+        # a built-in's decorator re-registers what discovery found: keep its folder and source-read attributes
+        kept = (existing.home, existing.declared) if existing is not None else (None, {})
+        self._entries[key] = _Entry(key, target, aliases, source, *kept)
         for alias in aliases:
             self._aliases[alias] = key
 

@@ -34,12 +34,12 @@ BOOL_ATTRIBUTES = ("needs_training", "single_label_training", "in_demo")
 def micro_config(name: str) -> dict:
     """``name``'s resolved tiny-profile config with its package's ``configs/<name>_micro.yaml`` laid over it (when
     the package ships one); ``{}`` for a method without a schema YAML (a plugin that takes no config)."""
-    from .config import load_method_config, method_config_dir
+    from .config import load_method_config, method_schema_file
 
-    folder = method_config_dir(name)
-    if not (folder / f"{name}.yaml").is_file():
+    schema = method_schema_file(name)
+    if not schema.is_file():
         return {}
-    micro = folder / f"{name}{MICRO_SUFFIX}"
+    micro = schema.parent / f"{name}{MICRO_SUFFIX}"
     return load_method_config(name, "tiny", extra_file=micro if micro.is_file() else None)
 
 
