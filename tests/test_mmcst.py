@@ -484,3 +484,22 @@ def test_position_embeddings_interpolate_as_dino():
     assert (out - by_size).abs().max() > 1e-3
     # a non-square input with the trained grid is still resampled (MCTformer's w == h test)
     assert not torch.equal(interpolate_pos_dino(pos, (14, 14), (14, 14), False), pos)
+
+
+def test_mctformer_augment_posterizes_to_black_at_magnitude_ten_instead_of_raising():
+    """rand-m9-mstd0.5-inc1 reaches magnitude 10 (0 bits kept): a black image, as with MCTformer's Pillow; Pillow
+    13's posterize raises on 0 bits, which stopped the paper profile's training after a few hundred images."""
+    from timm.data.auto_augment import RandAugment
+
+    from wsolbench.methods.mmcst.train import train_transform
+
+    cfg = {"augment": "mctformer", "resize_size": SIZE}
+    rand = next(t for t in train_transform(cfg, SIZE, (0.5,) * 3, (0.5,) * 3).transforms if isinstance(t, RandAugment))
+    ops = [op for op in rand.ops if op.name.startswith("Posterize")]
+    assert [op.name for op in ops] == ["PosterizeIncreasing"]
+    op = ops[0]
+    op.prob, op.magnitude_std, op.magnitude = 1.0, 0, 10
+    img = Image.fromarray(np.full((SIZE, SIZE, 3), 200, np.uint8))
+    assert np.asarray(op(img)).max() == 0
+    op.magnitude = 5  # 4 - int(0.5 * 4) = 2 bits: 200 = 0b11001000 -> 0b11000000
+    assert np.asarray(op(img)).max() == 192

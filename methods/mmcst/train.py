@@ -62,12 +62,37 @@ def train_transform(train_cfg: Mapping, input_size: int, mean, std):
     if augment == "mctformer":
         from timm.data import create_transform
 
-        return create_transform(input_size=input_size, is_training=True, color_jitter=0.4,
-                                auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic",
-                                re_prob=0.25, re_mode="pixel", re_count=1, mean=mean, std=std)
+        return zero_bit_posterize(create_transform(
+            input_size=input_size, is_training=True, color_jitter=0.4, auto_augment="rand-m9-mstd0.5-inc1",
+            interpolation="bicubic", re_prob=0.25, re_mode="pixel", re_count=1, mean=mean, std=std))
     from wsolbench.training import train_transform as simple_transform
 
     return simple_transform(int(train_cfg["resize_size"]), input_size, mean=mean, std=std, flip=True)
+
+
+def _posterize(img, bits_to_keep, **_):
+    """PIL posterize where 0 bits gives the black image Pillow < 13 gave (13 raises on it)."""
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def zero_bit_posterize(transform):
+    """``transform`` with its RandAugment posterize ops keeping 0 bits as a black image. rand-m9-mstd0.5-inc1
+    draws magnitude 10 in ~2% of posterize calls, which keeps 4 - 10/10*4 = 0 bits: the black image MCTformer
+    trained with (timm 0.3.2 on the Pillow of its day); with Pillow 13 those calls raise and stop training."""
+    from timm.data.auto_augment import RandAugment
+
+    for t in getattr(transform, "transforms", ()):
+        if isinstance(t, RandAugment):
+            for op in t.ops:
+                if op.name.startswith("Posterize"):
+                    op.aug_fn = _posterize
+    return transform
 
 
 def val_transform(size: int, mean, std):
