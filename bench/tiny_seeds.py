@@ -115,6 +115,23 @@ def measure(seeds: list[int], methods: list[str], formats: list[str], root: Path
     return rows
 
 
+def zoo_used(methods: list[str]) -> str:
+    """Where each zoo model the methods load comes from and the world seed it was built with (a built zoo in
+    the cache wins over the shipped one: `wsolbench zoo build --seed N` puts another draw's zoo under the table)."""
+    from wsolbench.demo import zoo_models
+    from wsolbench.zoo import locate, shipped_root
+    from wsolbench.zoo.manifest import read_manifest
+
+    parts = []
+    for model in zoo_models(methods):
+        root = locate(model)
+        if root is None:
+            continue
+        seed = read_manifest(root)["models"][model]["seed"]
+        parts.append(f"{model} seed {seed} ({'shipped' if root == shipped_root() else root})")
+    return ", ".join(parts) or "none"
+
+
 def _fmt(x: float | None) -> str:
     return "—" if x is None else f"{x:.1f}"
 
@@ -155,7 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = measure(seeds, args.methods.split(","), args.formats.split(","), args.out)
-    print(f"\nTiny profiles on world seeds {seeds} ({torch.get_num_threads()} torch threads):\n")
+    print(f"\nTiny profiles on world seeds {seeds} ({torch.get_num_threads()} torch threads); zoo: "
+          f"{zoo_used(args.methods.split(','))}\n")
     print(table(rows))
 
 

@@ -54,3 +54,10 @@ def test_centre_under_its_own_protocol_only_where_the_method_scores_differently(
     assert bench.centre_own_protocol("synthetic-cub", Path("w"), Path("r"), "genpromp", "gt_known_loc") == \
         "centre under wsolevaluation 13.0"
     assert bench.centre_own_protocol("synthetic-cub", Path("w"), Path("r"), "wsolevaluation", "gt_known_loc") == ""
+
+
+def test_the_table_names_the_zoo_it_stands_on(isolated_env):
+    """With no zoo built in the cache the zoo methods load the shipped one (world seed 0); CAM stands on none."""
+    bench = _bench()
+    assert bench.zoo_used(["mmcst"]) == "clip seed 0 (shipped), vit seed 0 (shipped)"
+    assert bench.zoo_used(["cam"]) == "none"

@@ -29,12 +29,19 @@ def demo_methods(methods: Sequence[str] | None = None) -> list[str]:
     return sorted(names, key=lambda m: (bool(METHODS.declared(m, "needs_training")), m))
 
 
-def missing_zoo(methods: Sequence[str]) -> list[str]:
-    """The tiny zoo models that ``methods`` stand on and that neither the cache nor the shipped zoo has current."""
+def zoo_models(methods: Sequence[str]) -> list[str]:
+    """The tiny zoo models that ``methods`` stand on (their classes' ``tiny_zoo``), in the zoo's order."""
     from . import zoo
     from .registry import get_method_class
 
-    wanted = [m for m in zoo.MODELS if any(m in (get_method_class(n).tiny_zoo or ()) for n in methods)]
+    return [m for m in zoo.MODELS if any(m in (get_method_class(n).tiny_zoo or ()) for n in methods)]
+
+
+def missing_zoo(methods: Sequence[str]) -> list[str]:
+    """The tiny zoo models that ``methods`` stand on and that neither the cache nor the shipped zoo has current."""
+    from . import zoo
+
+    wanted = zoo_models(methods)
     return zoo.missing_models("tiny", wanted) if wanted else []
 
 
