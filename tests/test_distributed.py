@@ -190,10 +190,14 @@ def test_two_processes_give_the_one_process_metrics(env, center_one, tmp_path):
 
 
 def test_a_killed_rank_resumes_to_the_same_metrics(env, center_one, tmp_path):
-    res = _launch(env, CENTER, 2, tmp_path, "killed", {"KILL_RANK": "1", "KILL_AT": "4"}, killer=True, check=False)
+    # the (IN_FLIGHT + 2)-th batch starts once the results of the 1st and 2nd are written (the main thread
+    # writes batch k's shard before it hands batch k + IN_FLIGHT to the scoring threads)
+    kill_at = pipeline.IN_FLIGHT + 2
+    res = _launch(env, CENTER, 2, tmp_path, "killed", {"KILL_RANK": "1", "KILL_AT": str(kill_at)}, killer=True,
+                  check=False)
     assert res.returncode != 0 and not (tmp_path / "killed" / "metrics.json").exists()
     done = {int(p.stem.split("-")[1]) // 4 for p in (tmp_path / "killed" / "cache").glob("batch-*.npz")}
-    # rank 1 scores the odd batches; it wrote 1 and 3 and died at its 4th (batch 7)
+    # rank 1 scores the odd batches 1, 3, 5, 7, 9; it wrote 1 and 3 and died when its kill_at-th began
     assert {1, 3} <= done and not {7, 9} & done
     _launch(env, [*CENTER, "--resume"], 2, tmp_path, "killed")
     assert _metrics(tmp_path, "killed")["results"] == json.loads((center_one / "metrics.json").read_text())["results"]

@@ -1,9 +1,9 @@
 """The evaluation data pipeline: images decoded ahead in DataLoader worker processes, and a batch's scoring
 overlapped with the next batch's model call.
 
-``scored_batches`` runs ``evaluator.process`` on ``IN_FLIGHT`` = 2 batches at once in threads: the model calls
-take turns (one lock; under ``torch.autocast`` when ``amp`` is set) while the other thread scores the
-previous batch and writes its records and map PNGs — the MaxBoxAcc kernel (with its own image threads),
+``scored_batches`` runs ``evaluator.process`` on ``IN_FLIGHT`` = 3 batches at once in threads: the model calls
+take turns (one lock; under ``torch.autocast`` when ``amp`` is set) while the other threads score the
+previous batches and write their records and map PNGs — the MaxBoxAcc kernel (with its own image threads),
 OpenCV and the PNG encoder release the GIL, so threads are enough; a GPU call waits without the CPU, so the
 scoring runs beside it. Each batch is scored into fresh metric objects and handed back in batch order, so
 the merged numbers are those of the sequential loop. Decoding happens in
@@ -25,7 +25,11 @@ from typing import Any, Iterator, Sequence
 from .distributed import World
 
 AMP_DTYPES = ("bf16", "fp16")
-IN_FLIGHT = 2  # batches inside evaluator.process at once: one in the model call, one being scored
+# batches inside evaluator.process at once: one in the model call, two being scored. With two, a batch's
+# scoring (longer than a 5 ms/image model call on 2 cores) made the next-but-one model call wait: behind a
+# 5 ms/image method the harness took +34% over the model's time, +17% with three (384 images, 0 workers,
+# mean of five runs each on the 2-core CI machine; bench/harness_bench.py's fixed-cost method)
+IN_FLIGHT = 3
 MAX_WORKERS = 8  # past this, decoding outruns any single model on one device
 
 
