@@ -63,3 +63,39 @@ def test_worker_processes_hand_over_the_pixels_decoded_in_process():
     there = list(pipeline.decoded_batches(dataset, spans, workers=2))
     assert [k for k, _, _ in there] == [k for k, _, _ in here] == [list(range(*s)) for s in spans]
     assert all(_same(a, b) for (_, a, _), (_, b, _) in zip(here, there))
+
+
+class _SlowScoring:
+    """An evaluator whose first batch's scoring lasts until the model has been called on the third batch."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.calls: list[int] = []
+        self.third_call = threading.Event()
+        self.method = self
+
+    def localize(self, images: list) -> int:
+        self.calls.append(len(self.calls))
+        if len(self.calls) == 3:
+            self.third_call.set()
+        return len(self.calls) - 1
+
+    def process(self, samples: list, images: list) -> tuple[dict, list]:
+        k = self.method.localize(images)  # the serialised model call, as the evaluators make it
+        if k == 0 and not self.third_call.wait(timeout=20):
+            raise AssertionError("the third model call waited for the first batch's scoring")
+        return {"batch": k}, []
+
+
+def test_a_slow_scoring_does_not_hold_back_the_next_two_model_calls():
+    """Issue #23: behind a GPU call a batch's scoring can take longer than the next model call; the next two
+    batches still reach the model (IN_FLIGHT = 3: one in the model call, two being scored), in order."""
+    from wsolbench.pipeline import EvalOptions, scored_batches
+
+    evaluator = _SlowScoring()
+    dataset = [_Sample(im) for im in _images(2, [(8, 8)] * 8)]
+    spans = [(s, s + 2) for s in range(0, 8, 2)]
+    out = list(scored_batches(evaluator, dataset, spans, "fail", EvalOptions(progress=False), "t"))
+    assert [k for k, _ in out] == [0, 1, 2, 3] and [r[0]["batch"] for _, r in out] == [0, 1, 2, 3]
+    assert evaluator.calls == [0, 1, 2, 3]
