@@ -221,6 +221,26 @@ def test_micro_zoo_layout_and_manifest(micro_zoo):
     assert not list(root.rglob("*.bin")) and not list(root.rglob("*.pth"))  # safetensors only
     st = zoo.zoo_status("micro", root=root)
     assert all(v["built"] for v in st.values())
+    unet = manifest["models"]["diffusion"]["quality"]["unet"]
+    assert 0 <= unet["attention_background"] <= 1 and unet["attention_pointing_chance"] > 0  # figures of the map
+
+
+def test_attention_box_figures_point_and_measure_the_background():
+    """The U-Net's quality: a peak inside the box points; a map that is 1 everywhere has background 1, a map
+    that is 0 outside its box has background 0 (what GenPromp's fixed threshold meets, issue #27)."""
+    import numpy as np
+
+    from wsolbench.zoo.builder.train import attention_box_figures
+
+    maps = np.zeros((3, 10, 10))
+    maps[0, 2:4, 2:4] = 2.0                       # inside box 0: points, nothing outside
+    maps[1] = 1.0
+    maps[1, 8, 8] = 4.0                           # peak outside box 1: misses; background 1/4
+    maps[2] = 5.0                                 # flat: the first pixel (0, 0) peaks, inside box 2
+    boxes = np.array([[2, 2, 3, 3], [0, 0, 4, 4], [0, 0, 4, 4]])
+    point, chance, background = attention_box_figures(maps, boxes)
+    assert point == pytest.approx(2 / 3) and chance == pytest.approx((4 + 25 + 25) / 300)
+    assert background == pytest.approx((0 + (74 * 0.25 + 1.0) / 75 + 1.0) / 3)
 
 
 def test_micro_zoo_loads_through_library_apis(micro_zoo):

@@ -5,7 +5,8 @@ Quality figures (printed and stored in the manifest), each with its chance level
 * vae: reconstruction PSNR on held-out scenes; unet: denoising MSE averaged over timesteps 50..950 with the
   right caption, vs. 1.0 for predicting zero noise, and with a wrong class's caption (must be higher), and
   the fraction of held-out images whose class-word cross-attention peaks inside the object (what GenPromp
-  reads; chance = the mean box area fraction);
+  reads; chance = the mean box area fraction) and that map's mean outside the object (its background: what
+  GenPromp's fixed threshold meets; lower is better);
 * captioner: exact-match accuracy of greedy captions of held-out object crops ("a red striped star";
   chance 1/400) and accuracy of the class word in them (chance 0.1);
 * vit / vgg / classifier: top-1 accuracy on held-out single-object scenes (chance 0.1).
@@ -342,10 +343,10 @@ def train_unet(scale: str, pool, test, seed: int, prog: Progress, vae, text_enco
             for key, cond in (("right", right), ("wrong", wrong)):
                 losses[key].append(F.mse_loss(unet(zt, t, encoder_hidden_states=cond).sample, noise).item())
     right_l, wrong_l = float(np.mean(losses["right"])), float(np.mean(losses["wrong"]))
-    point, chance = _cross_attention_pointing(unet, vae, text_encoder, tokenizer, scheduler, test, seed)
+    point, chance, background = _cross_attention_pointing(unet, vae, text_encoder, tokenizer, scheduler, test, seed)
     return unet, {"denoise_mse": round(right_l, 4), "denoise_mse_wrong_class": round(wrong_l, 4),
                   "zero_predictor_mse": 1.0, "attention_pointing": round(point, 4),
-                  "attention_pointing_chance": round(chance, 4)}
+                  "attention_pointing_chance": round(chance, 4), "attention_background": round(background, 4)}
 
 
 class _CrossAttentionRecorder:
@@ -366,10 +367,10 @@ class _CrossAttentionRecorder:
 
 
 def _cross_attention_pointing(unet, vae, text_encoder, tokenizer, scheduler, test, seed: int,
-                              n: int = 64) -> tuple[float, float]:
+                              n: int = 64) -> tuple[float, float, float]:
     """GenPromp-style check: cross-attention of the class word of "a photo of a {class}" at t = 0 and 99,
-    max-normalised per map, averaged over layers/heads/timesteps; the fraction of held-out single-object
-    images whose map peak falls in the object's box (and the chance level: the mean box area fraction)."""
+    max-normalised per map, averaged over layers/heads/timesteps; :func:`attention_box_figures` of it on
+    held-out single-object images."""
     import torch
     import torch.nn.functional as F
 
@@ -408,12 +409,28 @@ def _cross_attention_pointing(unet, vae, text_encoder, tokenizer, scheduler, tes
                                            align_corners=False)[:, 0]
     finally:
         unet.set_attn_processor(old)
-    flat = total.view(len(keep), -1).argmax(1)
-    ys, xs = (flat // size).numpy(), (flat % size).numpy()
-    bx = test.boxes[keep]
+    return attention_box_figures(total.numpy(), test.boxes[keep])
+
+
+def attention_box_figures(maps: np.ndarray, boxes: np.ndarray) -> tuple[float, float, float]:
+    """For N×H×W maps and their objects' boxes (x0, y0, x1, y1, inclusive): the fraction of maps whose peak
+    falls in the box, the chance level of that (the mean box area fraction), and the background: the mean of
+    each max-normalised map outside its box. The background is what a fixed threshold on the map meets: on the
+    shipped tiny zoo's held-out scenes a build from world seed 1 pointed as well (0.69 vs 0.64) but had
+    background 0.76 vs 0.54, and GenPromp's fixed tau then boxed most of each image (GT-known 0.5 vs 24;
+    issue #27)."""
+    n, height, width = maps.shape
+    flat = maps.reshape(n, -1).argmax(1)
+    ys, xs = flat // width, flat % width
+    bx = np.asarray(boxes)
     hit = (xs >= bx[:, 0]) & (xs <= bx[:, 2]) & (ys >= bx[:, 1]) & (ys <= bx[:, 3])
-    area = ((bx[:, 2] - bx[:, 0] + 1) * (bx[:, 3] - bx[:, 1] + 1)) / float(size * size)
-    return float(hit.mean()), float(area.mean())
+    area = ((bx[:, 2] - bx[:, 0] + 1) * (bx[:, 3] - bx[:, 1] + 1)) / float(height * width)
+    yy, xx = np.mgrid[:height, :width]
+    inside = (xx >= bx[:, 0, None, None]) & (xx <= bx[:, 2, None, None]) & (yy >= bx[:, 1, None, None]) & \
+        (yy <= bx[:, 3, None, None])
+    norm = maps / np.maximum(maps.reshape(n, -1).max(1), 1e-12)[:, None, None]
+    background = [norm[i][~inside[i]].mean() for i in range(n) if (~inside[i]).any()]
+    return float(hit.mean()), float(area.mean()), float(np.mean(background)) if background else 0.0
 
 
 def train_captioner(scale: str, pool, test, seed: int, prog: Progress, tokenizer_dir: Path, vit=None):
