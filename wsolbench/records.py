@@ -45,12 +45,15 @@ def quantize(scoremap: np.ndarray) -> np.ndarray:
 
 def save_map(path: Path, u8: np.ndarray, binary: bool = False) -> None:
     """Write an 8-bit map as PNG at zlib level 1 (level 9 made the map writes most of the harness's CPU on
-    noisy maps and masks for a few percent less disk); ``binary`` (a 0/255 GT mask): 1 bit per pixel, a
-    quarter of the encoding time, read back as the same 0/255 uint8."""
+    noisy maps and masks for a few percent less disk) with the Sub filter on every row (OpenCV's default tries
+    all five per row: twice the encoding time, 0.77 vs 0.39 ms for a 224 px map, and 7% larger files on the
+    tiny methods' maps); ``binary`` (a 0/255 GT mask): 1 bit per pixel, a quarter of the encoding time, read
+    back as the same 0/255 uint8."""
     import cv2
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    flags = [cv2.IMWRITE_PNG_BILEVEL, 1] if binary else [cv2.IMWRITE_PNG_COMPRESSION, 1]
+    flags = [cv2.IMWRITE_PNG_BILEVEL, 1] if binary else \
+        [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB]
     if not cv2.imwrite(str(path), np.ascontiguousarray(u8), flags):
         raise OSError(f"cannot write map {path}")
 
