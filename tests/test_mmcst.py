@@ -488,7 +488,7 @@ def test_position_embeddings_interpolate_as_dino():
 
 def test_mctformer_augment_posterizes_to_black_at_magnitude_ten_instead_of_raising():
     """rand-m9-mstd0.5-inc1 reaches magnitude 10 (0 bits kept): a black image, as with MCTformer's Pillow; Pillow
-    13's posterize raises on 0 bits, which stopped the paper profile's training after a few hundred images."""
+    13's posterize raises on 0 bits, which stopped the paper profile's training (about once in 660 images)."""
     from timm.data.auto_augment import RandAugment
 
     from wsolbench.methods.mmcst.train import train_transform

@@ -420,14 +420,12 @@ def attention_box_figures(maps: np.ndarray, boxes: np.ndarray) -> tuple[float, f
     background 0.76 vs 0.54, and GenPromp's fixed tau then boxed most of each image (GT-known 0.5 vs 24;
     issue #27)."""
     n, height, width = maps.shape
-    flat = maps.reshape(n, -1).argmax(1)
-    ys, xs = flat // width, flat % width
     bx = np.asarray(boxes)
-    hit = (xs >= bx[:, 0]) & (xs <= bx[:, 2]) & (ys >= bx[:, 1]) & (ys <= bx[:, 3])
-    area = ((bx[:, 2] - bx[:, 0] + 1) * (bx[:, 3] - bx[:, 1] + 1)) / float(height * width)
     yy, xx = np.mgrid[:height, :width]
     inside = (xx >= bx[:, 0, None, None]) & (xx <= bx[:, 2, None, None]) & (yy >= bx[:, 1, None, None]) & \
         (yy <= bx[:, 3, None, None])
+    hit = inside.reshape(n, -1)[np.arange(n), maps.reshape(n, -1).argmax(1)]
+    area = ((bx[:, 2] - bx[:, 0] + 1) * (bx[:, 3] - bx[:, 1] + 1)) / float(height * width)
     norm = maps / np.maximum(maps.reshape(n, -1).max(1), 1e-12)[:, None, None]
     background = [norm[i][~inside[i]].mean() for i in range(n) if (~inside[i]).any()]
     return float(hit.mean()), float(area.mean()), float(np.mean(background)) if background else 0.0
