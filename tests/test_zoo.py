@@ -243,6 +243,22 @@ def test_attention_box_figures_point_and_measure_the_background():
     assert background == pytest.approx((0 + (74 * 0.25 + 1.0) / 75 + 1.0) / 3)
 
 
+def test_the_builder_warns_when_the_unet_attention_would_not_serve_genpromp():
+    """A tiny U-Net whose class-word attention points at chance, or spreads over the background, is named at
+    build time (the seed-1 build of issue #27 pointed well but had background 0.77, and GenPromp scored 0.5)."""
+    from wsolbench.zoo.builder import quality_warnings
+
+    def unet(point, background):
+        return {"unet": {"denoise_mse": 0.09, "denoise_mse_wrong_class": 0.1, "attention_pointing": point,
+                         "attention_pointing_chance": 0.2, "attention_background": background}}
+
+    assert quality_warnings("diffusion", "tiny", unet(0.64, 0.55)) == []
+    assert [w for w in quality_warnings("diffusion", "tiny", unet(0.72, 0.77)) if "background 0.77" in w]
+    assert [w for w in quality_warnings("diffusion", "tiny", unet(0.17, 0.4)) if "points into the object" in w]
+    assert quality_warnings("diffusion", "micro", unet(0.0, 1.0)) == []
+    assert quality_warnings("vit", "tiny", {"accuracy": 0.272}) == ["vit accuracy=0.272 is below the expected 0.3"]
+
+
 def test_micro_zoo_loads_through_library_apis(micro_zoo):
     root, _ = micro_zoo
     model, tok = zoo.load_clip("micro", root=root)

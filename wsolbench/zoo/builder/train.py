@@ -379,7 +379,7 @@ def _cross_attention_pointing(unet, vae, text_encoder, tokenizer, scheduler, tes
     names = world().CLASS_NAMES
     keep = np.flatnonzero(test.single & (test.labels >= 0))[:n]
     if len(keep) == 0:
-        return 0.0, 0.0
+        return 0.0, 0.0, 0.0
     prompts = [PROMPT.format(names[test.labels[k]]) for k in keep]
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
     # position of the class word: the last token before <|endoftext|>
