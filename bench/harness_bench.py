@@ -145,23 +145,23 @@ def plain_loop(data: Path, n: int, sequential: bool) -> dict:
     return {"rate": n / wall, "cpu_ms": 1000 * cpu / n, "start": start, "end": start + wall}
 
 
-def loop_in_child(data: Path, n: int, sequential: bool) -> dict:
-    """``plain_loop`` in a fresh process, so its thread settings stay there."""
-    out = subprocess.run([sys.executable, __file__, "--loop", "sequential" if sequential else "all-cores",
-                          "--data", str(data), "--n", str(n)], check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def loops_in_children(data: Path, n: int, sequential: bool, k: int = 1) -> list[dict]:
+    """``plain_loop`` in ``k`` fresh processes started together (one per core when ``k`` is the core count), so
+    each one's thread settings stay there; their results in start order."""
+    cmd = [sys.executable, __file__, "--loop", "sequential" if sequential else "all-cores", "--data", str(data),
+           "--n", str(n)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(k)]
+    outs = [p.communicate()[0] for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"a plain loop failed in a child process: {' '.join(cmd)}")
+    return [json.loads(o.strip().splitlines()[-1]) for o in outs]
 
 
 def loops_at_once(data: Path, n: int, k: int) -> float:
     """Images/s of ``k`` sequential loops started together (one per core): k·n images over the wall time from
     the first timed pass's start to the last one's end. What this machine's cores give a perfectly parallel
     design of the same work (the ceiling of any harness here, whatever its code)."""
-    cmd = [sys.executable, __file__, "--loop", "sequential", "--data", str(data), "--n", str(n)]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(k)]
-    outs = [p.communicate()[0] for p in procs]
-    if any(p.returncode for p in procs):
-        raise RuntimeError("a concurrent sequential loop failed")
-    runs = [json.loads(o.strip().splitlines()[-1]) for o in outs]
+    runs = loops_in_children(data, n, sequential=True, k=k)
     return k * n / (max(r["end"] for r in runs) - min(r["start"] for r in runs))
 
 
@@ -272,8 +272,8 @@ def main() -> None:
     load_before = load()
 
     harness_rate(data, min(a.n, 32), out, "warm-up", 0, 1)  # imports, numba compilation, page cache
-    seq = loop_in_child(data, a.n, sequential=True)
-    allc = loop_in_child(data, a.n, sequential=False)
+    seq, = loops_in_children(data, a.n, sequential=True)
+    allc, = loops_in_children(data, a.n, sequential=False)
     at_once = loops_at_once(data, a.n, cores)
     rates = {(nproc, w): harness_rate(data, a.n, out, f"center-p{nproc}-w{w}", w, nproc)
              for nproc in (1, 2) for w in (0, 2)}

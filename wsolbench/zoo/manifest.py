@@ -38,14 +38,14 @@ TRAIN: dict[str, dict] = {
         "unet": dict(steps=3, batch=8, lr=1e-3, xattn_qk_lr_mult=10.0, multi_share=0.5),
     },
     # Tried for issue #27, not adopted: pool 32000, vit steps 4000 at lr 2e-3, unet steps 900 (builds from world
-    # seeds 0 and 1, 2720 s each on one thread). Quality, seed 0 / seed 1 (this recipe's shipped build): classifier
-    # 0.789 / 0.805 (0.683), vit 0.693 / 0.704 (0.272), clip zero-shot 0.696 / 0.669 (0.293), captioner class word
-    # 0.865 / 0.37 (0.25), vgg 0.597 / 0.568 (0.517), U-Net pointing 0.56 / 0.19 (0.64, chance 0.21). Downstream on
-    # world seeds 0-3 (bench/tiny_seeds.py): MMCST mIoU 17.4-19.3 / 20.2-22.5, above the centre on every world
-    # (13.4-14.3 here); TeD-Loc GT-known 51.5-55.5 / 49.5-59.5 (this recipe's seed-1 build: 19-41); but GenPromp
-    # 1.5-2.5 / 1.5-3.0 under its fixed tau (its maps still localize: 23.5 vs the centre's 11.0 at the best
-    # threshold on world 0; mean map 0.37 vs 0.23, 75% of pixels above tau), so it would trade one failing
-    # profile for another.
+    # seeds 0 and 1, 2720 s each on one thread). Quality, seed 0 / seed 1 (in parentheses: the shipped zoo, built
+    # with the recipe below): classifier 0.789 / 0.805 (0.683), vit 0.693 / 0.704 (0.272), clip zero-shot 0.696 /
+    # 0.669 (0.293), captioner class word 0.865 / 0.37 (0.25), vgg 0.597 / 0.568 (0.517), U-Net pointing 0.56 / 0.19
+    # (0.64, chance 0.21). Downstream on world seeds 0-3 (bench/tiny_seeds.py): MMCST mIoU 17.4-19.3 / 20.2-22.5,
+    # above the centre on every world (13.4-14.3 on the shipped zoo); TeD-Loc GT-known 51.5-55.5 / 49.5-59.5 (the
+    # recipe below built from seed 1: 19-41); but GenPromp 1.5-2.5 / 1.5-3.0 under its fixed tau (its maps still
+    # localize: 23.5 vs the centre's 11.0 at the best threshold on world 0; mean map 0.37 vs 0.23, 75% of pixels
+    # above tau), so it would trade one failing profile for another.
     "tiny": {
         "pool": 8000, "test": 500,
         "classifier": dict(steps=2000, batch=64, lr=3e-3, wd=0.01),

@@ -187,13 +187,13 @@ def quality_warnings(name: str, scale: str, quality: dict) -> list[str]:
         if not (u["denoise_mse"] < 0.5 and u["denoise_mse"] < u["denoise_mse_wrong_class"]):
             out.append(f"the U-Net does not denoise better with the right class's caption than with a wrong one "
                        f"(denoise_mse {u['denoise_mse']} vs {u['denoise_mse_wrong_class']})")
-        pointing, chance = u.get("attention_pointing", 0.0), u.get("attention_pointing_chance", 0.0)
+        pointing, chance = u["attention_pointing"], u["attention_pointing_chance"]
         if pointing < ATTENTION_BARS["pointing_over_chance"] * chance:
             out.append(f"the U-Net's class-word attention points into the object on {pointing} of held-out scenes, "
                        f"under {ATTENTION_BARS['pointing_over_chance']}x chance ({chance}): GenPromp's tiny maps "
                        f"will not localize")
-        background = u.get("attention_background")
-        if background is not None and background > ATTENTION_BARS["background"]:
+        background = u["attention_background"]
+        if background > ATTENTION_BARS["background"]:
             out.append(f"the U-Net's class-word attention has background {background} (above "
                        f"{ATTENTION_BARS['background']}): GenPromp's fixed threshold will box most of each image")
     return out

@@ -415,10 +415,8 @@ def _cross_attention_pointing(unet, vae, text_encoder, tokenizer, scheduler, tes
 def attention_box_figures(maps: np.ndarray, boxes: np.ndarray) -> tuple[float, float, float]:
     """For N×H×W maps and their objects' boxes (x0, y0, x1, y1, inclusive): the fraction of maps whose peak
     falls in the box, the chance level of that (the mean box area fraction), and the background: the mean of
-    each max-normalised map outside its box. The background is what a fixed threshold on the map meets: on the
-    shipped tiny zoo's held-out scenes a build from world seed 1 pointed as well (0.69 vs 0.64) but had
-    background 0.76 vs 0.54, and GenPromp's fixed tau then boxed most of each image (GT-known 0.5 vs 24;
-    issue #27)."""
+    each max-normalised map outside its box: what a fixed threshold on the map meets (the builder's
+    ``ATTENTION_BARS`` say what GenPromp made of both figures)."""
     n, height, width = maps.shape
     bx = np.asarray(boxes)
     yy, xx = np.mgrid[:height, :width]
