@@ -259,6 +259,57 @@ def test_the_builder_warns_when_the_unet_attention_would_not_serve_genpromp():
     assert quality_warnings("vit", "tiny", {"accuracy": 0.272}) == ["vit accuracy=0.272 is below the expected 0.3"]
 
 
+def test_the_mask_loss_pulls_the_class_word_attention_onto_its_object():
+    """The U-Net's auxiliary loss (TRAIN["tiny"]["unet"]["xattn_mask"], issue #27): 0 when the word's attention
+    lies on its object, 1 - the object's area share when it is uniform, samples without the word ignored, and
+    it reaches the query/key projections through the recorded probabilities."""
+    import torch
+
+    from wsolbench.zoo.builder.train import attention_mask_loss
+
+    heads, side, tokens = 2, 4, 5
+    masks = torch.zeros(3, 8, 8)
+    masks[:, :4, :4] = 1.0                                   # the top-left quarter of each image
+    on = torch.full((3, heads, side * side, tokens), 0.1)
+    on[0, :, :, 3] = 0.0
+    on[0, :, [0, 1, 4, 5], 3] = 0.5                          # sample 0: word 3 only on its object
+    on[2, :, :, 3] = 0.0                                     # sample 2 has no word: a map that would score 1
+    store = [on.reshape(3 * heads, side * side, tokens).requires_grad_()]
+    pos, w = torch.tensor([3, 1, -1]), torch.tensor([1.0, 3.0, 7.0])
+    loss = attention_mask_loss(store, pos, masks, w)
+    assert loss.item() == pytest.approx((0.0 * 1 + 0.75 * 3) / 4)   # sample 1: uniform word 1 → 1 - 1/4
+    loss.backward()
+    assert store[0].grad[2 * heads:].abs().sum() == 0 and store[0].grad[:2 * heads].abs().sum() > 0
+    assert attention_mask_loss(store, torch.tensor([-1, -1, -1]), masks, w).item() == 0.0
+
+
+def test_the_training_pool_keeps_each_scenes_first_object_mask():
+    """The mask the U-Net's loss pulls attention onto is the first object's visible pixels, whose box is the
+    scene's box."""
+    import numpy as np
+
+    from wsolbench.zoo.builder.data import make_pool
+
+    pool = make_pool(6, 32, 3, multi_fraction=0.5)
+    for mask, box in zip(pool.masks, pool.boxes):
+        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        assert [cols[0], rows[0], cols[-1], rows[-1]] == box.tolist()
+
+
+def test_the_mask_loss_finds_the_class_word_in_any_caption():
+    """The token the mask loss supervises is the class word wherever the caption puts it; the same token the
+    builder's pointing check reads in "a photo of a {class}" (the last before <|endoftext|>)."""
+    from wsolbench.zoo.builder.train import _word_positions
+    from wsolbench.zoo.diffusion import create_tokenizer
+
+    tok = create_tokenizer("tiny")
+    find = _word_positions(tok)
+    ids = tok("a photo of a star").input_ids
+    assert find("a photo of a star", "star") == len(ids) - 2
+    assert find("a red star on a blue heart", "heart") == len(tok("a red star on a blue heart").input_ids) - 2
+    assert find("a red striped star", "heart") == -1 and find("", "star") == -1
+
+
 def test_micro_zoo_loads_through_library_apis(micro_zoo):
     root, _ = micro_zoo
     model, tok = zoo.load_clip("micro", root=root)

@@ -79,7 +79,7 @@ def _add_data_root_arg(p: argparse.ArgumentParser) -> None:
 def _add_build_zoo_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--build-zoo", action="store_true",
                    help="build the synthetic-world zoo models a tiny profile needs if neither the cache nor the "
-                        "zoo shipped with the package has them current (about 25 minutes on 2 CPU cores, once; same "
+                        "zoo shipped with the package has them current (about 45 minutes on one CPU thread, once; same "
                         "as `wsolbench zoo build`); without it such a run exits with status 4 and that command")
 
 

@@ -184,7 +184,7 @@ def missing_message(scale: str, missing: Iterable[str], root: str | Path | None 
     """One line: what is missing, where it was looked for, and the one command that builds it."""
     missing = list(missing)
     root = Path(root) if root is not None else zoo_root(scale)
-    took = " (about 25 minutes on 2 CPU cores, once)" if scale == "tiny" else ""
+    took = " (about 45 minutes on one CPU thread, once)" if scale == "tiny" else ""
     command = build_command(scale, None if set(missing) == set(MODELS) else missing)
     return (f"the {scale} synthetic-world zoo lacks {', '.join(missing)} (looked in {root}); build it with "
             f"`{command}`{took}, or add --build-zoo to `wsolbench run` / `wsolbench demo`")

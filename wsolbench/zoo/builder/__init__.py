@@ -41,10 +41,11 @@ QUALITY_BARS = {
 }
 # The U-Net's class-word cross-attention (what GenPromp reads), on held-out single-object scenes: no U-Net that
 # missed a bar served GenPromp's tiny profile (at most 1.5 points over the centre); one that meets both may
-# still not (necessary, not sufficient). Measured on world seed 0 with GenPromp's fixed tau (issue #27):
-# pointing 0.64 (3.1x chance) / background 0.55 gave GT-known 22.0 (centre 11.0); 0.41 (1.9x) / 0.41 gave 12.5;
-# 0.72 / 0.77 gave 0.5; 0.17 / 0.63 gave 0.0; and 0.56 / 0.47, on a build with 4x the scenes and a stronger
-# CLIP, gave 1.5.
+# still not (necessary, not sufficient). Measured on world seed 0 with GenPromp's fixed tau (issue #27), U-Nets
+# trained without the mask loss: pointing 0.64 (3.1x chance) / background 0.55 gave GT-known 22.0 (centre
+# 11.0); 0.41 (1.9x) / 0.41 gave 12.5; 0.72 / 0.77 gave 0.5; 0.17 / 0.63 gave 0.0; 0.56 / 0.47 gave 1.5. With
+# the mask loss (TRAIN's xattn_mask): 0.78 / 0.05 gave 59.0 and 0.84 / 0.04 gave 59.5, but with the attention's
+# share on the object as that loss, 0.77 / 0.006 gave 4.0 (maps too peaked for the threshold).
 ATTENTION_BARS = {"pointing_over_chance": 2.0, "background": 0.6}
 
 

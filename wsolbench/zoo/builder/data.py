@@ -30,6 +30,7 @@ class WorldPool:
     phrases: list[list[str]]      # per scene, each object's phrase
     names: list[list[str]]        # per scene, each object's class name
     boxes: np.ndarray             # N×4 float32 x0 y0 x1 y1 (inclusive pixels) of the first object; -1 if none
+    masks: np.ndarray             # N×S×S bool: the first object's visible pixels
     crops: np.ndarray             # M×S×S×3 uint8 square crops around objects
     crop_phrases: list[str] = field(default_factory=list)
     crop_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -66,6 +67,7 @@ def make_pool(n: int, size: int, seed: int, *, multi_fraction: float = 0.25, tes
     labels = np.full(n, -1, np.int64)
     single = np.zeros(n, bool)
     boxes = np.full((n, 4), -1, np.float32)
+    masks = np.zeros((n, size, size), bool)
     captions, phrases, names = [], [], []
     crops, crop_phrases, crop_labels = [], [], []
     for i in range(n):
@@ -75,6 +77,7 @@ def make_pool(n: int, size: int, seed: int, *, multi_fraction: float = 0.25, tes
         if scene.objects:
             labels[i] = scene.objects[0].class_index
             boxes[i] = scene.objects[0].box
+            masks[i] = scene.objects[0].mask
         single[i] = len(scene.objects) == 1
         captions.append(scene.caption)
         phrases.append([o.phrase for o in scene.objects])
@@ -89,9 +92,9 @@ def make_pool(n: int, size: int, seed: int, *, multi_fraction: float = 0.25, tes
     order = rng.permutation(n)
     return WorldPool(images=images[order], labels=labels[order], single=single[order],
                      captions=[captions[j] for j in order], phrases=[phrases[j] for j in order],
-                     names=[names[j] for j in order], boxes=boxes[order], crops=np.stack(crops) if crops else
-                     np.zeros((0, size, size, 3), np.uint8), crop_phrases=crop_phrases,
-                     crop_labels=np.asarray(crop_labels, np.int64))
+                     names=[names[j] for j in order], boxes=boxes[order], masks=masks[order],
+                     crops=np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8),
+                     crop_phrases=crop_phrases, crop_labels=np.asarray(crop_labels, np.int64))
 
 
 def random_flips(rng: np.random.Generator, n: int) -> np.ndarray:

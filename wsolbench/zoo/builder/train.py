@@ -306,17 +306,30 @@ def train_unet(scale: str, pool, test, seed: int, prog: Progress, vae, text_enco
     opt = _adamw(unet.named_parameters(), cfg["lr"], wd=0.01, lr_mults={"attn2.to_q": mult, "attn2.to_k": mult})
     p = multi_object_weights(pool.names, cfg["multi_share"])
     T = scheduler.config.num_train_timesteps
+    signal = scheduler.alphas_cumprod.float()  # how much of the image a noisy latent still shows
+    word_pos = _word_positions(tokenizer)
+    store: list = []
+    old_processors = unet.attn_processors
+    if cfg["xattn_mask"]:
+        unet.set_attn_processor(_CrossAttentionRecorder(store, detach=False))
     with prog.bar(f"unet ({scale})", cfg["steps"]) as bar:
         for step in range(cfg["steps"]):
             _set_lr(opt, _lr_at(step, cfg["steps"], cfg["lr"]))
             idx = rng.choice(len(pool), size=min(cfg["batch"], len(pool)), replace=False, p=p)
             ti = torch.from_numpy(idx)
             z0 = (means[ti] + stds[ti] * torch.randn_like(means[ti])) * sf
-            cond = _encode_text(text_encoder, tokenizer, [_unet_text(pool, int(i), rng) for i in idx])
+            texts = [_unet_text(pool, int(i), rng) for i in idx]
+            cond = _encode_text(text_encoder, tokenizer, texts)
             noise = torch.randn_like(z0)
             t = torch.randint(0, T, (len(idx),))
             zt = scheduler.add_noise(z0, noise, t)
+            store.clear()
             loss = F.mse_loss(unet(zt, t, encoder_hidden_states=cond).sample, noise)
+            if cfg["xattn_mask"]:
+                pos = torch.as_tensor([word_pos(text, pool.names[i][0]) if pool.single[i] else -1
+                                       for text, i in zip(texts, idx)])
+                masks = torch.from_numpy(pool.masks[idx]).float()
+                loss = loss + cfg["xattn_mask"] * attention_mask_loss(store, pos, masks, signal[t])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0, foreach=True)
@@ -324,6 +337,7 @@ def train_unet(scale: str, pool, test, seed: int, prog: Progress, vae, text_enco
             bar.update(1)
             if step % 20 == 0:
                 bar.set_postfix_str(f"loss {loss.item():.3f}")
+    unet.set_attn_processor(old_processors)
     unet.eval()
     # held-out denoising loss, right vs. wrong class prompt, same noise
     names = world().CLASS_NAMES
@@ -350,20 +364,61 @@ def train_unet(scale: str, pool, test, seed: int, prog: Progress, vae, text_enco
 
 
 class _CrossAttentionRecorder:
-    """A diffusers attention processor that keeps the cross-attention probabilities (B·heads × N × T)."""
+    """A diffusers attention processor that keeps the cross-attention probabilities (B·heads × N × T), detached
+    for inspection or with their graph for a loss on them."""
 
-    def __init__(self, store: list):
+    def __init__(self, store: list, detach: bool = True):
         from diffusers.models.attention_processor import AttnProcessor
 
-        self.store, self.inner = store, AttnProcessor()
+        self.store, self.detach, self.inner = store, detach, AttnProcessor()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
         if encoder_hidden_states is not None:
             q = attn.head_to_batch_dim(attn.to_q(hidden_states))
             k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
-            self.store.append(attn.get_attention_scores(q, k, None).detach())
+            probs = attn.get_attention_scores(q, k, None)
+            self.store.append(probs.detach() if self.detach else probs)
         return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+def _word_positions(tokenizer):
+    """f(text, word): the index, in ``text``'s padded token ids, of the last token of ``word``'s last
+    occurrence (-1 when absent)."""
+    def find(text: str, word: str) -> int:
+        ids = tokenizer(text, truncation=True, max_length=tokenizer.model_max_length).input_ids
+        w = tokenizer(word, add_special_tokens=False).input_ids
+        starts = [i for i in range(len(ids) - len(w) + 1) if ids[i:i + len(w)] == w]
+        return starts[-1] + len(w) - 1 if starts and w else -1
+
+    return find
+
+
+def attention_mask_loss(store: list, pos, masks, weights):
+    """1 − the soft IoU of each sample's word attention (its cross-attention probability at token ``pos``,
+    averaged over heads and divided by its maximum, as GenPromp normalises it) with its object (``masks``, B×H×W
+    in [0, 1]), averaged over the recorded layers and over the samples with ``pos`` ≥ 0, weighted by
+    ``weights``. An IoU, not the attention's share on the object: that share alone peaked the maps on a few
+    pixels of each object, which GenPromp's fixed threshold boxed too small (GT-known 4.9 on world seeds 0-3).
+
+    The tiny zoo's stand-in for what web-scale training gives Stable Diffusion: a class word whose attention
+    covers its object. Denoising alone left it to the build seed (issue #27)."""
+    import torch
+    import torch.nn.functional as F
+
+    keep = torch.nonzero(pos >= 0).flatten()
+    if not len(keep) or not store:
+        return torch.zeros(())
+    b, w = len(pos), weights[keep]
+    losses = []
+    for probs in store:
+        side = int(round(probs.shape[1] ** 0.5))
+        p = probs.view(b, -1, probs.shape[1], probs.shape[2])[keep, :, :, pos[keep]].mean(1)  # K×N
+        a = p / p.amax(1, keepdim=True).clamp_min(1e-12)
+        m = F.adaptive_avg_pool2d(masks[keep, None], side).flatten(1)
+        iou = (a * m).sum(1) / (a + m - a * m).sum(1).clamp_min(1e-12)
+        losses.append(((1.0 - iou) * w).sum() / w.sum().clamp_min(1e-12))
+    return torch.stack(losses).mean()
 
 
 def _cross_attention_pointing(unet, vae, text_encoder, tokenizer, scheduler, test, seed: int,
