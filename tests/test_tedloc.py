@@ -527,6 +527,22 @@ def test_fit_keeps_the_head_of_the_best_val_epoch_and_records_it(isolated_env, m
     assert m3.fit(data, progress=False)["selection"] == {"metric": "last", "epoch": 1, "reason": "no val split given"}
 
 
+def test_reporting_the_pseudo_labels_does_not_change_what_is_trained(isolated_env):
+    """inference.report_pseudo_labels is a diagnostic: the val selection's localize calls compute it, and loading
+    and running the CLIP Grad-CAM must not draw from the global RNG that the training's pixel sampling uses (it did:
+    TeD-Loc tiny scored 51.5 with the flag and 59.5 without, on the same world)."""
+    data, val = _Scenes(isolated_env / "scenes", n=8), _Scenes(isolated_env / "val", n=4)
+    heads = []
+    for flag in ("false", "true"):
+        m = T.TeDLoc.from_config(micro_cfg("train.epochs=2", f"inference.report_pseudo_labels={flag}"),
+                                 class_names=NAMES)
+        res = m.fit(data, val_data=val, out_dir=isolated_env / f"run-{flag}", progress=False)
+        heads.append((m.head.state_dict(), [r["val_maxboxacc"] for r in res["history"]]))
+    assert heads[0][1] == heads[1][1]
+    for k, v in heads[0][0].items():
+        torch.testing.assert_close(v, heads[1][0][k], rtol=0, atol=0)
+
+
 def test_openai_clip_comes_from_the_shared_loader(method, monkeypatch):
     """TeD-Loc's CLIP (anchors, pseudo-labels) is built by wsolbench.weights.load_open_clip, the one loader
     that gives OpenAI weights QuickGELU; a name outside the catalogue is a one-line error, not a download."""
