@@ -112,6 +112,29 @@ def test_loop_trains_checkpoints_and_resumes_identically(tmp_path):
     assert len(loop3.run(loaders3, step3, resume=True)) == 4
 
 
+def test_what_an_epoch_end_hook_draws_does_not_change_the_training(tmp_path):
+    """Validation runs between epochs (TeD-Loc's built CLIP there, its init drawing from the global RNG, and
+    changed what was trained): a hook's random draws leave the weights as a quiet hook does."""
+    import random
+
+    weights = []
+    for draws in (False, True):
+        net, loop, loaders, step = _setup(tmp_path, tmp_path / f"hook-{draws}")
+
+        def hook(epoch, record, draws=draws):
+            if draws:
+                torch.rand(5), np.random.rand(5), random.random()
+                nn.Linear(8, 8)  # a model built lazily inside the hook
+            record["val"] = float(epoch)
+
+        loop.on_epoch_end = hook
+        hist = loop.run(loaders, step)
+        assert [r["val"] for r in hist] == [0.0, 1.0, 2.0, 3.0]
+        weights.append({k: v.clone() for k, v in net.state_dict().items()})
+    for k, v in weights[0].items():
+        assert torch.equal(v, weights[1][k]), k
+
+
 def test_loop_errors_are_explicit(tmp_path):
     net, loop, loaders, _ = _setup(tmp_path, None)
     loop.epochs = 1

@@ -227,7 +227,8 @@ class TrainLoop:
 
     ``scheduler_interval``: ``"epoch"`` (scheduler.step() after each epoch) or ``"step"`` (after each
     optimizer step). ``max_steps_per_epoch`` caps the batches per epoch (smoke tests).
-    ``on_epoch_end(epoch, record)`` may add entries (e.g. validation numbers) to the epoch's record.
+    ``on_epoch_end(epoch, record)`` may add entries (e.g. validation numbers) to the epoch's record; the
+    random draws it makes do not reach the training's (the RNG state is restored after it).
     """
 
     out_dir: Path | None
@@ -324,8 +325,10 @@ class TrainLoop:
             record = self._run_epoch(epoch, make_epoch_loader(epoch), step)
             if self.scheduler is not None and self.scheduler_interval == "epoch":
                 self.scheduler.step()
-            if self.on_epoch_end is not None:
+            if self.on_epoch_end is not None:  # validation and diagnostics: never a shift of the training's
+                rng = get_rng_state()             # random streams (a lazily built model draws its init from them)
                 self.on_epoch_end(epoch, record)
+                set_rng_state(rng)
             self.history.append(record)
             self.save_checkpoint(epoch + 1)
         return list(self.history)

@@ -210,11 +210,7 @@ class TeDLoc(Localizer):
                                extras=extras)
 
     def _pseudo_label_maps(self, images: Any, queries: list[list[int]]) -> torch.Tensor:
-        """The CLIP Grad-CAM diagnostic, on an RNG of its own: the val selection's localize calls run it between
-        epochs, and building CLIP draws from the RNG the training's pixel sampling uses."""
-        device = torch.device(self.device)
-        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-            if self._pl_gradcam is None:
-                clip_model, tok = self.load_clip()
-                self._pl_gradcam = self._gradcam(clip_model, tok)
-            return PL.gradcam_maps(self._pl_gradcam, self.config["pseudo_labels"], images, queries).to(self.device)
+        if self._pl_gradcam is None:
+            clip_model, tok = self.load_clip()
+            self._pl_gradcam = self._gradcam(clip_model, tok)
+        return PL.gradcam_maps(self._pl_gradcam, self.config["pseudo_labels"], images, queries).to(self.device)
