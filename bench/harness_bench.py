@@ -206,7 +206,7 @@ class Stages:
                 (Sample, "load_image", "decode JPEG"), (Sample, "load_mask", "decode GT masks"),
                 (get_method_class("center"), "localize", "model (center)"),
                 (metrics, "prepare_map", "resize + normalise maps"),
-                (metrics.MaxBoxAcc, "update", "MaxBoxAcc v1 + V2"), (metrics.PxAP, "update", "PxAP"),
+                (metrics.MaxBoxAcc, "update", "MaxBoxAcc v1 + V2"), (metrics.PxAP, "image_histograms", "PxAP"),
                 (records, "save_map", "map + GT PNGs"), (harness, "image_records", "per-image records"),
                 (harness, "_write_shard", "shards (npz + records JSON)")]:
             stack.enter_context(patched(owner, name, self.timer(stage)))

@@ -86,10 +86,16 @@ class PxAP(Metric):
         }
 
     def update(self, maps: Any, gt_masks: Any, ignore_masks: Any = None) -> None:
+        self.add_histograms(self.image_histograms(maps, gt_masks, ignore_masks))
+
+    def image_histograms(self, maps: Any, gt_masks: Any, ignore_masks: Any = None) -> list[np.ndarray]:
+        """Each image's own (2, bins) int64 counts, foreground then background, checked as ``update`` checks
+        its input; the state is unchanged. ``update`` adds exactly these, so a caller that also keeps them per
+        image (the harness's per-image records) bins each map once: ``add_histograms(image_histograms(...))``."""
         maps_l = as_list(maps, "maps")
         gts_l = as_list(gt_masks, "gt_masks")
         ign_l = as_list(ignore_masks, "ignore_masks") if ignore_masks is not None else None
-        check_lengths("PxAP.update", maps=maps_l, gt_masks=gts_l, ignore_masks=ign_l)
+        check_lengths("PxAP.image_histograms", maps=maps_l, gt_masks=gts_l, ignore_masks=ign_l)
         n_bins = len(self.edges) - 1
         batch = []
         for i, (m, g) in enumerate(zip(maps_l, gts_l)):
@@ -110,12 +116,26 @@ class PxAP(Metric):
             if labels.size == 0:
                 raise MetricInputError(f"{where}: every pixel is ignored")
             batch.append((scores, labels))
+        hists = []
         for scores, labels in batch:
             k = histogram_bins(scores, self.edges, self.cam_curve_interval)
-            counts = np.bincount(k + n_bins * (~labels), minlength=2 * n_bins)
-            self._state["fg_hist"] += counts[:n_bins]
-            self._state["bg_hist"] += counts[n_bins:]
-        self._state["count"] += len(batch)
+            hists.append(np.bincount(k + n_bins * (~labels), minlength=2 * n_bins).reshape(2, n_bins))
+        return hists
+
+    def add_histograms(self, hists: Any) -> None:
+        """Add images given as their ``image_histograms`` (one (2, bins) integer array each)."""
+        hists_l = as_list(hists, "hists")
+        shape = (2, len(self.edges) - 1)
+        for i, h in enumerate(hists_l):
+            h = np.asarray(h)
+            if h.shape != shape or h.dtype.kind not in "iu":
+                raise MetricInputError(f"PxAP.add_histograms: hists[{i}] must be an integer array of shape "
+                                       f"{shape} (from image_histograms at this cam_curve_interval), got "
+                                       f"{h.dtype} {h.shape}")
+        for h in hists_l:
+            self._state["fg_hist"] += h[0]
+            self._state["bg_hist"] += h[1]
+        self._state["count"] += len(hists_l)
 
     def _curves(self) -> dict[str, np.ndarray]:
         fg = self._state["fg_hist"].astype(np.float64)

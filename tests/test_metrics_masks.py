@@ -96,6 +96,28 @@ def test_equals_reference_on_random_maps(interval):
     assert np.array_equal(metric.state_dict()["bg_hist"], bg_hist)
 
 
+def test_image_histograms_are_what_update_adds_image_by_image():
+    rng = np.random.default_rng(2)
+    maps = [rng.random((24, 20)) for _ in range(4)]
+    fgs = [rng.random((24, 20)) < 0.4 for _ in range(4)]
+    igns = [rng.random((24, 20)) < 0.2, None, rng.random((24, 20)) < 0.2, None]
+    summed, split = PxAP(0.01), PxAP(0.01)
+    summed.update(maps, fgs, igns)
+    hists = split.image_histograms(maps, fgs, igns)
+    assert split.count == 0 and not split.state_dict()["fg_hist"].any()  # computing them adds nothing
+    for m, fg, ign, h in zip(maps, fgs, igns, hists):
+        one = PxAP(0.01)
+        one.update([m], [fg], [ign])
+        assert np.array_equal(h, np.stack([one.state_dict()["fg_hist"], one.state_dict()["bg_hist"]]))
+    split.add_histograms(hists)
+    assert split.count == 4
+    for key in ("fg_hist", "bg_hist"):
+        assert np.array_equal(split.state_dict()[key], summed.state_dict()[key])
+    with pytest.raises(MetricInputError, match=r"hists\[0\] must be an integer array of shape \(2, 102\)"):
+        split.add_histograms([np.zeros((2, 1002), np.int64)])  # binned at another interval
+    assert split.count == 4
+
+
 def test_piou_policies():
     fg = np.zeros((20, 20), bool)
     fg[5:15, 5:15] = True

@@ -91,8 +91,25 @@ def test_image_piou_is_pxap_on_the_image_alone():
     px = PxAP(0.01)
     px.update([m], [fg])
     expect = px.compute(ThresholdPolicy.fixed({"piou": 0.37}))["piou"]
-    hist = records._pxap_hist(m, fg, None, 0.01)
+    hist = records._encode_hist(PxAP(0.01).image_histograms([m], [fg])[0])
     assert records._image_piou(hist, px, 0.37) == pytest.approx(expect, abs=1e-4)
+
+
+def test_each_batchs_record_histograms_add_up_to_its_pxap_state(random_run):
+    """The records carry the histograms the metric binned (computed once): per shard, their sum is the state."""
+    import base64
+    import zlib
+
+    _, res = random_run
+    shards = sorted((res.run_dir / "cache").glob("batch-*.npz"))
+    assert len(shards) == 3
+    for path in shards:
+        with np.load(path) as z:
+            recs = json.loads(z["__meta__"].tobytes())["records"]
+            state = np.stack([z["default/pxap/fg_hist"], z["default/pxap/bg_hist"]])
+        hists = [np.frombuffer(zlib.decompress(base64.b64decode(r["variants"]["default"]["pxap_hist"])), "<i4")
+                 for r in recs]
+        assert np.array_equal(np.sum(hists, axis=0).reshape(2, -1), state) and state.sum() == len(recs) * 224 * 224
 
 
 def test_resume_keeps_the_records(random_run):

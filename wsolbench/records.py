@@ -121,11 +121,12 @@ def _point(m: np.ndarray) -> list[int]:
 def image_records(samples: Sequence[Any], out: Any, raw: dict[str, np.ndarray],
                   prepared: dict[str, list[np.ndarray]], maps_dir: Path | None,
                   gt_boxes: Sequence[np.ndarray] | None = None, masks: Sequence[np.ndarray] | None = None,
-                  ignores: Sequence[np.ndarray] | None = None, cam_curve_interval: float = 0.01) -> list[dict]:
+                  pxap_hists: dict[str, list[np.ndarray]] | None = None) -> list[dict]:
     """One record per image of a boxes/masks batch: id, label, path, prediction (top-5, class, softmax
     score), GT boxes at the evaluation size, and per variant the health flags, the pointing point (and
-    whether it falls in a GT box), and, with masks, the image's PxAP histograms (for its pIoU at the
-    chosen τ). Writes each variant's map (and the GT mask) under ``maps_dir`` when given."""
+    whether it falls in a GT box), and, with masks, the image's PxAP histograms (``pxap_hists[variant][i]``,
+    as the metric binned them: for its pIoU at the chosen τ). Writes each variant's map (and the GT mask)
+    under ``maps_dir`` when given."""
     records = []
     for i, s in enumerate(samples):
         rec: dict[str, Any] = {"image_id": s.image_id, "label": s.label, "path": str(s.image_path),
@@ -139,8 +140,8 @@ def image_records(samples: Sequence[Any], out: Any, raw: dict[str, np.ndarray],
                 x, y = v["point"]
                 b = np.asarray(gt_boxes[i]).reshape(-1, 4)
                 v["point_hit"] = bool(((b[:, 0] <= x) & (x <= b[:, 2]) & (b[:, 1] <= y) & (y <= b[:, 3])).any())
-            if masks is not None:
-                v["pxap_hist"] = _pxap_hist(maps[i], masks[i], ignores[i] if ignores else None, cam_curve_interval)
+            if pxap_hists is not None:
+                v["pxap_hist"] = _encode_hist(pxap_hists[variant][i])
             if maps_dir is not None:
                 save_map(map_path(maps_dir, variant, s.image_id), quantize(maps[i]))
             variants[variant] = v
@@ -151,18 +152,13 @@ def image_records(samples: Sequence[Any], out: Any, raw: dict[str, np.ndarray],
     return records
 
 
-def _pxap_hist(m: np.ndarray, fg: np.ndarray, ign: np.ndarray | None, interval: float) -> str:
-    """The image's own PxAP histograms (foreground then background counts per bin), as base64 of zlib'd
-    int32 (a third of the JSON list's size: ~2 kB at the 0.001 grid), to travel in the shard."""
+def _encode_hist(hist: np.ndarray) -> str:
+    """An image's PxAP histograms (foreground then background counts per bin) as base64 of zlib'd int32 (a
+    third of the JSON list's size: ~2 kB at the 0.001 grid), to travel in the shard."""
     import base64
     import zlib
 
-    from wsolbench.metrics import PxAP
-
-    px = PxAP(interval, allow_empty_gt=True)
-    px.update([m], [fg], [ign])
-    hist = np.stack([px.state_dict()["fg_hist"], px.state_dict()["bg_hist"]]).astype("<i4")
-    return base64.b64encode(zlib.compress(hist.tobytes(), 1)).decode("ascii")
+    return base64.b64encode(zlib.compress(np.asarray(hist).astype("<i4").tobytes(), 1)).decode("ascii")
 
 
 def dense_records(samples: Sequence[Any], per_class: dict[str, list[np.ndarray]], raw: dict[str, np.ndarray],
