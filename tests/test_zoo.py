@@ -182,7 +182,11 @@ def test_save_reload_bit_identical(tmp_path):
     assert _same_state(m, m3)
 
     comps = zoo.create_diffusion_components("micro", seed=1)
+    comps["tokenizer"](["a star"], padding="max_length", max_length=16, truncation=True)  # as the builder's calls
     diffusion.save_diffusion(comps, tmp_path / "sd", "micro")
+    fresh = zoo.create_diffusion_components("micro", seed=1)["tokenizer"]
+    fresh.save_pretrained(str(tmp_path / "fresh"))  # what was tokenized last is not saved (it was: padding 16)
+    assert (tmp_path / "sd/tokenizer/tokenizer.json").read_bytes() == (tmp_path / "fresh/tokenizer.json").read_bytes()
     back = diffusion.load_diffusion(tmp_path / "sd")
     for k in ("vae", "unet", "text_encoder"):
         assert _same_state(comps[k], back[k]), k

@@ -91,6 +91,10 @@ def save_diffusion(components: dict, directory: str | Path, scale: str) -> Path:
     from .tokenizers import clip_bpe_path, write_clip_bpe_files
 
     directory = Path(directory)
+    backend = getattr(components["tokenizer"], "backend_tokenizer", None)
+    if backend is not None:  # a fast tokenizer keeps its last call's padding and truncation, and save_pretrained
+        backend.no_padding()  # writes them into tokenizer.json: cleared, so the file (and the zoo's fingerprint)
+        backend.no_truncation()  # depends on the BPE files alone, not on what the builder tokenized last
     for name in SUBFOLDERS:
         components[name].save_pretrained(str(directory / name))
     # vocab.json + merges.txt, as in SD's tokenizer folder

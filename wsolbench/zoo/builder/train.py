@@ -394,6 +394,14 @@ def _word_positions(tokenizer):
     return find
 
 
+def word_attention(probs, batch: int, rows, pos):
+    """The cross-attention one layer gave token ``pos[j]`` of sample ``rows[j]`` (``probs``: (batch·heads)×N×
+    tokens, as ``_CrossAttentionRecorder`` stores it), averaged over heads and divided by its maximum, as GenPromp
+    normalises its maps: len(rows)×N. What both the mask loss trains and the pointing check measures."""
+    p = probs.view(batch, -1, probs.shape[1], probs.shape[2])[rows, :, :, pos].mean(1)
+    return p / p.amax(1, keepdim=True).clamp_min(1e-12)
+
+
 def attention_mask_loss(store: list, pos, masks, weights):
     """1 − the soft IoU of each sample's word attention (its cross-attention probability at token ``pos``,
     averaged over heads and divided by its maximum, as GenPromp normalises it) with its object (``masks``, B×H×W
@@ -413,8 +421,7 @@ def attention_mask_loss(store: list, pos, masks, weights):
     losses = []
     for probs in store:
         side = int(round(probs.shape[1] ** 0.5))
-        p = probs.view(b, -1, probs.shape[1], probs.shape[2])[keep, :, :, pos[keep]].mean(1)  # K×N
-        a = p / p.amax(1, keepdim=True).clamp_min(1e-12)
+        a = word_attention(probs, b, keep, pos[keep])  # K×N
         m = F.adaptive_avg_pool2d(masks[keep, None], side).flatten(1)
         iou = (a * m).sum(1) / (a + m - a * m).sum(1).clamp_min(1e-12)
         losses.append(((1.0 - iou) * w).sum() / w.sum().clamp_min(1e-12))
@@ -435,10 +442,11 @@ def _cross_attention_pointing(unet, vae, text_encoder, tokenizer, scheduler, tes
     keep = np.flatnonzero(test.single & (test.labels >= 0))[:n]
     if len(keep) == 0:
         return 0.0, 0.0, 0.0
-    prompts = [PROMPT.format(names[test.labels[k]]) for k in keep]
+    words = [names[test.labels[k]] for k in keep]
+    prompts = [PROMPT.format(w) for w in words]
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
-    # position of the class word: the last token before <|endoftext|>
-    pos = (ids.attention_mask.sum(1) - 2).clamp(min=1)
+    find = _word_positions(tokenizer)
+    pos = torch.as_tensor([find(text, w) for text, w in zip(prompts, words)])
     store: list = []
     old = unet.attn_processors
     unet.set_attn_processor(_CrossAttentionRecorder(store))
@@ -456,10 +464,8 @@ def _cross_attention_pointing(unet, vae, text_encoder, tokenizer, scheduler, tes
                 unet(scheduler.add_noise(z0, noise, t), t, encoder_hidden_states=cond)
                 for probs in store:
                     b = len(keep)
-                    heads = probs.shape[0] // b
                     side = int(round(probs.shape[1] ** 0.5))
-                    p = probs.view(b, heads, probs.shape[1], -1)[torch.arange(b), :, :, pos].mean(1)
-                    p = p / p.amax(1, keepdim=True).clamp_min(1e-12)
+                    p = word_attention(probs, b, torch.arange(b), pos)
                     total += F.interpolate(p.view(b, 1, side, side), size=(size, size), mode="bilinear",
                                            align_corners=False)[:, 0]
     finally:
