@@ -196,7 +196,10 @@ def test_save_reload_bit_identical(tmp_path):
     assert _same_state(comps["unet"], unet)
 
     cap, proc = zoo.create_captioner("micro", seed=1)
+    proc.tokenizer(["a star"], padding="max_length", max_length=8, truncation=True)
     captioner.save_captioner(cap, proc, tmp_path / "cap")
+    saved = json.loads((tmp_path / "cap/tokenizer.json").read_text())
+    assert saved["padding"] is None and saved["truncation"] is None  # not the last call's (they were saved)
     cap2, proc2 = captioner.load_captioner_dir(tmp_path / "cap")
     assert _same_state(cap, cap2) and proc2.tokenizer.get_vocab() == proc.tokenizer.get_vocab()
 

@@ -76,7 +76,10 @@ def create_captioner(scale: str = "micro", seed: int | None = 0, tokenizer_dir: 
 
 
 def save_captioner(model, processor, directory: str | Path) -> Path:
+    from .tokenizers import clear_call_state
+
     directory = Path(directory)
+    clear_call_state(processor.tokenizer)
     model.save_pretrained(str(directory))
     processor.save_pretrained(str(directory))
     return directory

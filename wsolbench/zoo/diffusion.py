@@ -88,13 +88,10 @@ def create_diffusion_components(scale: str = "micro", seed: int | None = 0) -> d
 
 def save_diffusion(components: dict, directory: str | Path, scale: str) -> Path:
     """``save_pretrained`` every component into its subfolder (safetensors) and write model_index.json."""
-    from .tokenizers import clip_bpe_path, write_clip_bpe_files
+    from .tokenizers import clear_call_state, clip_bpe_path, write_clip_bpe_files
 
     directory = Path(directory)
-    backend = getattr(components["tokenizer"], "backend_tokenizer", None)
-    if backend is not None:  # a fast tokenizer keeps its last call's padding and truncation, and save_pretrained
-        backend.no_padding()  # writes them into tokenizer.json: cleared, so the file (and the zoo's fingerprint)
-        backend.no_truncation()  # depends on the BPE files alone, not on what the builder tokenized last
+    clear_call_state(components["tokenizer"])
     for name in SUBFOLDERS:
         components[name].save_pretrained(str(directory / name))
     # vocab.json + merges.txt, as in SD's tokenizer folder

@@ -117,3 +117,12 @@ def make_bert_tokenizer(directory: str | Path):
     vocab = {tok: i for i, tok in enumerate(t for t in lines if t)}
     tok = BertTokenizer(vocab=vocab, do_lower_case=True, bos_token="[DEC]", model_max_length=32)
     return tok
+
+
+def clear_call_state(tokenizer) -> None:
+    """Clear the padding and truncation a fast tokenizer keeps from its last call: ``save_pretrained`` writes
+    them into tokenizer.json, so a zoo model's files (and fingerprint) would depend on what was tokenized last."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        backend.no_padding()
+        backend.no_truncation()
