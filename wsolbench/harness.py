@@ -590,11 +590,11 @@ def run(spec: RunSpec) -> RunResult:
     policies = _protocol_policies(protocol, spec, hcfg, method, run_dir, task)
     evaluator.maps_dir = run_dir / MAPS_DIR if hcfg["store_maps"] else None
     t_eval = time.time()
-    skipped = _evaluate(evaluator, dataset, run_dir / "cache", hcfg, _eval_options(spec), f"{method_name}/{dataset_name}")
+    skipped, per_image = _evaluate(evaluator, dataset, run_dir / "cache", hcfg, _eval_options(spec),
+                                   f"{method_name}/{dataset_name}")
     eval_time = time.time() - t_eval
     results = evaluator.compute(_policy_map(policies, evaluator))
-    if world.is_main:
-        finish_records(run_dir, evaluator, _policy_map(policies, evaluator))  # records at the chosen τ, curves.json
+    finish_records(run_dir, evaluator, per_image, _policy_map(policies, evaluator))  # every rank its share
     record = {
         "run_id": run_id, "method": method_name, "dataset": dataset_name, "dataset_key": dataset_key,
         "split": spec.split, "profile": spec.profile, "task": task, "n_images": len(dataset) - len(skipped),
@@ -795,8 +795,10 @@ def _batches(n: int, size: int) -> Iterable[tuple[int, int]]:
         yield start, min(n, start + size)
 
 
-def _evaluate(evaluator: _Evaluator, dataset: Any, cache: Path, hcfg: dict, opts: EvalOptions, desc: str) -> list:
-    """Score every fixed batch of ``dataset``, reusing finished shards in ``cache``; return skipped images.
+def _evaluate(evaluator: _Evaluator, dataset: Any, cache: Path, hcfg: dict, opts: EvalOptions,
+              desc: str) -> tuple[list, list]:
+    """Score every fixed batch of ``dataset``, reusing finished shards in ``cache``; return the skipped images
+    and the per-image records, in dataset order.
 
     Under several processes each rank scores its share of the batches (``World.share``) into shards; after a
     barrier every rank merges all shards in batch order, so every rank ends with the single-process sums."""
@@ -818,10 +820,7 @@ def _evaluate(evaluator: _Evaluator, dataset: Any, cache: Path, hcfg: dict, opts
         evaluator.absorb(batch_metrics)
         records_all.extend(records)
         skipped.extend(skip)
-    if world.is_main:
-        write_text(cache.parent / "per_image.jsonl",
-                   "".join(json.dumps(r, default=_json_scalar) + "\n" for r in records_all))
-    return skipped
+    return skipped, records_all
 
 
 def _span_ids(dataset: Any, span: tuple[int, int]) -> list[str]:
