@@ -403,8 +403,7 @@ def word_attention(probs, batch: int, rows, pos):
 
 
 def attention_mask_loss(store: list, pos, masks, weights):
-    """1 − the soft IoU of each sample's word attention (its cross-attention probability at token ``pos``,
-    averaged over heads and divided by its maximum, as GenPromp normalises it) with its object (``masks``, B×H×W
+    """1 − the soft IoU of each sample's ``word_attention`` at token ``pos`` with its object (``masks``, B×H×W
     in [0, 1]), averaged over the recorded layers and over the samples with ``pos`` ≥ 0, weighted by
     ``weights``. An IoU, not the attention's share on the object: that share alone peaked the maps on a few
     pixels of each object, which GenPromp's fixed threshold boxed too small (GT-known 4.9 on world seeds 0-3).
